@@ -1,0 +1,98 @@
+"""Wires keygate together from :class:`~keygate.config.Settings`: the one place that does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+
+from keygate.audit.store import AuditStore
+from keygate.audit.writer import AuditWriter
+from keygate.config import Settings
+from keygate.core.errors import ConfigurationError
+from keygate.core.model import WrapMechanism
+from keygate.hsm.pkcs11 import HsmConfig, Pkcs11Hsm
+from keygate.hsm.softhsm import find_softhsm_module
+from keygate.keys.manager import KeyManager
+from keygate.keys.randomness import SystemRandom
+from keygate.keys.registry import Registry
+from keygate.policy.records import load_policies
+from keygate.service import Gateway
+
+__all__ = ["build_gateway", "hsm_config", "open_registry"]
+
+log = structlog.get_logger(__name__)
+
+_MECHANISMS = {
+    "auto": None,
+    "aes-gcm": WrapMechanism.HSM_AES_GCM,
+    "aes-kwp": WrapMechanism.HSM_AES_KWP,
+    "aes-kw": WrapMechanism.HSM_AES_KW,
+}
+
+
+def _pin(settings: Settings) -> str:
+    if settings.hsm_pin_file is not None:
+        try:
+            text = Path(settings.hsm_pin_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read the HSM PIN file {settings.hsm_pin_file}: {exc.strerror}"
+            ) from None
+        pin = text[:-1] if text.endswith("\n") else text
+        if pin:
+            return pin
+        raise ConfigurationError(f"the HSM PIN file {settings.hsm_pin_file} is empty")
+    if settings.hsm_pin is not None and settings.hsm_pin.get_secret_value():
+        return settings.hsm_pin.get_secret_value()
+    raise ConfigurationError(
+        "no HSM PIN configured: set KEYGATE_HSM_PIN_FILE (a file) or KEYGATE_HSM_PIN"
+    )
+
+
+def hsm_config(settings: Settings) -> HsmConfig:
+    return HsmConfig(
+        module_path=settings.hsm_module or find_softhsm_module(),
+        token_label=settings.hsm_token_label,
+        pin=_pin(settings),
+        mechanism=_MECHANISMS[settings.hsm_mechanism],
+        lock_timeout_s=settings.hsm_lock_timeout_s,
+    )
+
+
+def open_registry(settings: Settings, *, create: bool = False) -> tuple[Registry, AuditStore]:
+    if settings.registry_url.startswith("sqlite:///") or settings.audit_url.startswith("sqlite:///"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    registry = Registry(settings.registry_url)
+    store = AuditStore(settings.audit_url)
+    if create:
+        registry.create_schema()
+        store.create_schema()
+    return registry, store
+
+
+def build_gateway(settings: Settings, *, start_refresher: bool = True) -> Gateway:
+    """A ready Gateway.  The HSM connects lazily, so a missing token shows in /readyz."""
+    registry, store = open_registry(settings, create=True)
+    hsm = Pkcs11Hsm(hsm_config(settings))
+    keys = KeyManager(
+        registry=registry,
+        hsm=hsm,
+        rng=SystemRandom(),
+        max_plaintext=settings.max_plaintext_bytes,
+        max_cached_keys=settings.max_cached_keys,
+    )
+    if start_refresher:
+        keys.start(settings.refresh_interval_s)
+    audit = AuditWriter(store, timeout_s=settings.audit_timeout_s)
+    return Gateway(
+        registry=registry,
+        hsm=hsm,
+        keys=keys,
+        audit=audit,
+        audit_store=store,
+        policies=load_policies(settings.policies_dir),
+        max_batch_items=settings.max_batch_items,
+        default_dek_max_records=settings.dek_max_records,
+        default_dek_max_age_s=settings.dek_max_age_s,
+    )

@@ -1,0 +1,103 @@
+"""Configuration: one optional TOML file plus ``KEYGATE_*`` environment variables (which win).
+
+Read in bootstrap only; ``core/`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["Settings", "load_settings"]
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("KEYGATE_DATA_DIR", ".keygate")).resolve()
+
+
+class Settings(BaseSettings):
+    """Every setting, with its environment variable ``KEYGATE_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KEYGATE_", extra="forbid", toml_file=None, validate_default=True
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    #: SQLAlchemy URL of the registry; default: SQLite in data_dir
+    database_url: str = ""
+    #: SQLAlchemy URL of the audit trail; default: the registry's database
+    audit_database_url: str = ""
+    policies_dir: Path | None = None
+
+    # HSM (PKCS#11)
+    hsm_module: str = ""
+    hsm_token_label: str = "keygate"
+    hsm_pin: SecretStr | None = None
+    hsm_pin_file: Path | None = None
+    hsm_mechanism: Literal["auto", "aes-gcm", "aes-kwp", "aes-kw"] = "auto"
+    hsm_lock_timeout_s: float = Field(default=5.0, gt=0)
+
+    # DEK limits (defaults for new keys) and caches
+    dek_max_records: int = Field(default=1 << 20, ge=1, le=1 << 28)
+    dek_max_age_s: float = Field(default=600.0, gt=0, le=86_400)
+    refresh_interval_s: float = Field(default=1.0, gt=0, le=60)
+    max_cached_keys: int = Field(default=100_000, ge=16)
+
+    # API limits
+    max_plaintext_bytes: int = Field(default=64 * 1024, ge=1, le=1 << 20)
+    max_batch_items: int = Field(default=10_000, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    workers: int = Field(default=2, ge=1, le=64)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: CA bundle for client certificates; setting it turns on mTLS (client certificates required)
+    tls_client_ca: Path | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    audit_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("hsm_mechanism", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'keygate.db'}"
+
+    @property
+    def audit_url(self) -> str:
+        return self.audit_database_url or self.registry_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("KEYGATE_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and ``KEYGATE_CONFIG``), with explicit overrides."""
+    return Settings(**overrides)  # type: ignore[arg-type]

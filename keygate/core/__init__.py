@@ -1,0 +1,1 @@
+"""keygate's pure core: envelope format, AEAD, context encoding, errors.  No I/O."""

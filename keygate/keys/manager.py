@@ -1,0 +1,518 @@
+"""DEK life cycle: one active DEK per tenant × purpose, an unwrapped-DEK cache, rewrap maps.
+
+The hot path (encrypt, decrypt and rewrap of one record) is a dictionary lookup, a few checks and
+one AES-GCM call.  The HSM is called once per DEK: when a new DEK is made (the previous one reached
+its record or age limit, or the key was rotated) and when a header is seen for the first time.
+
+Key state comes from a snapshot of the registry.  A refresher thread polls the registry's
+generation counter (one cheap query) every ``refresh_interval`` seconds and, when it moved, loads a
+new snapshot and drops every cached DEK whose key version may no longer be used the same way: a
+rotation, a disabled key or a disabled tenant takes effect in running gateways within seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from keygate.core.context import aad_prefix, encode_context
+from keygate.core.envelope import REWRAP_CAPABILITY, DataKey, inner_wrap_aad
+from keygate.core.errors import (
+    DecryptionFailed,
+    GatewayError,
+    KeyDestroyed,
+    KeyNotUsable,
+    NotFound,
+    PayloadTooLarge,
+    ProviderRejected,
+)
+from keygate.core.model import AlgorithmSuite, KeyRef, KeyState
+from keygate.core.ports import KeyWrapper, RandomSource
+from keygate.core.aead import InvalidTag
+from keygate.core.wire import (
+    MAX_ENVELOPE_LEN,
+    MIN_ENVELOPE_LEN,
+    WrapLayer,
+    header_length,
+    parse_header,
+)
+
+__all__ = ["KeyManager", "KeyStats"]
+
+log = structlog.get_logger(__name__)
+
+SUITE: Final = AlgorithmSuite.AES256_GCM_HKDF_SHA256_COMMIT
+
+
+@dataclass(slots=True)
+class KeyStats:
+    """Plain counters (cheap on the hot path); exported to Prometheus by the refresher."""
+
+    records_encrypted: int = 0
+    records_decrypted: int = 0
+    records_rewrapped: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    deks_created: int = 0
+    hsm_wraps: int = 0
+    hsm_unwraps: int = 0
+
+
+class _Active:
+    """The DEK that encrypts for one tenant × purpose, with its limits."""
+
+    __slots__ = ("aad0", "cipher", "counter", "expires", "header", "key", "max_records", "prefix")
+
+    def __init__(self, key: DataKey, prefix: str, max_records: int, expires: float) -> None:
+        self.key = key
+        self.cipher = key.cipher
+        self.header = key.header
+        self.prefix = prefix
+        self.aad0 = encode_context(prefix, {})
+        self.max_records = max_records
+        self.expires = expires
+        self.counter = itertools.count()
+
+
+class _Opened:
+    """An unwrapped DEK in the decrypt cache, keyed by its exact header bytes."""
+
+    __slots__ = (
+        "aad0",
+        "cipher",
+        "counter",
+        "expires",
+        "h",
+        "key",
+        "max_records",
+        "prefix",
+        "purpose",
+        "tenant",
+    )
+
+    def __init__(
+        self, key: DataKey, tenant: str, purpose: str, prefix: str, max_records: int, expires: float
+    ) -> None:
+        self.key = key
+        self.cipher = key.cipher
+        self.h = key.header_len
+        self.tenant = tenant
+        self.purpose = purpose
+        self.prefix = prefix
+        self.aad0 = encode_context(prefix, {})
+        self.max_records = max_records
+        self.expires = expires
+        self.counter = itertools.count()
+
+
+class KeyManager:
+    """Hands out data keys for encrypt, decrypt and rewrap, within the configured limits."""
+
+    def __init__(
+        self,
+        *,
+        registry: object,
+        hsm: KeyWrapper,
+        rng: RandomSource,
+        clock: Callable[[], float] = time.monotonic,
+        max_plaintext: int = 64 * 1024,
+        max_cached_keys: int = 100_000,
+    ) -> None:
+        self._registry = registry
+        self._hsm = hsm
+        self._rng = rng
+        self._clock = clock
+        self.max_plaintext = max_plaintext
+        self._max_cached = max_cached_keys
+        self._snap = registry.snapshot()  # type: ignore[attr-defined]
+        self._active: dict[tuple[str, str], _Active] = {}
+        self._opened: dict[bytes, _Opened] = {}
+        self._rewrap: dict[bytes, tuple[str, str, bytes]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = KeyStats()
+        self.last_refresh_error: str | None = None
+        self.on_refresh: list[Callable[[KeyManager], None]] = []
+
+    # ------------------------------------------------------------------ registry view
+    @property
+    def snapshot(self) -> Any:
+        """The registry snapshot in force (tenants, keys, versions, identities)."""
+        return self._snap
+
+    @property
+    def generation(self) -> int:
+        return int(self._snap.generation)
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Reload the registry snapshot if it changed; returns True when it did."""
+        gen = self._registry.generation()  # type: ignore[attr-defined]
+        if not force and gen == self._snap.generation:
+            return False
+        snap = self._registry.snapshot()  # type: ignore[attr-defined]
+        with self._lock:
+            self._snap = snap
+            self._prune(snap)
+        log.info("registry.reloaded", generation=snap.generation)
+        return True
+
+    def _prune(self, snap: object) -> None:
+        def version_state(ref: KeyRef) -> KeyState | None:
+            rec = self._version(snap, ref)
+            return None if rec is None else rec.state
+
+        def tenant_ok(tenant: str) -> bool:
+            t = snap.tenants.get(tenant)  # type: ignore[attr-defined]
+            return t is not None and t.enabled
+
+        self._active = {
+            k: a
+            for k, a in self._active.items()
+            if tenant_ok(k[0])
+            and version_state(a.key.key_ref) is KeyState.ACTIVE
+            and self._limits_unchanged(snap, k, a)
+        }
+        self._opened = {
+            h: o
+            for h, o in self._opened.items()
+            if tenant_ok(o.tenant)
+            and (st := version_state(o.key.key_ref)) is not None
+            and st.can_decrypt
+        }
+        self._rewrap = {}
+
+    @staticmethod
+    def _limits_unchanged(snap: object, k: tuple[str, str], a: _Active) -> bool:
+        rec = snap.keys.get(k)  # type: ignore[attr-defined]
+        return rec is not None and rec.dek_max_records >= a.max_records
+
+    @staticmethod
+    def _version(snap: object, ref: KeyRef) -> object | None:
+        for rec in snap.versions.get((ref.tenant, ref.purpose), ()):  # type: ignore[attr-defined]
+            if rec.version == ref.version:
+                return rec
+        return None
+
+    def start(self, interval: float = 1.0) -> None:
+        """Start the refresher thread (daemon)."""
+        if self._thread is not None:
+            return
+
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                    self.last_refresh_error = None
+                except GatewayError as exc:
+                    self.last_refresh_error = exc.code
+                    log.warning("registry.refresh_failed", code=exc.code)
+                except Exception as exc:  # noqa: BLE001 - the refresher must survive anything
+                    self.last_refresh_error = type(exc).__name__
+                    log.warning("registry.refresh_failed", error=type(exc).__name__)
+                for hook in self.on_refresh:
+                    try:
+                        hook(self)
+                    except Exception:  # noqa: BLE001, S110 - a metrics hook must not kill refresh
+                        pass
+
+        self._thread = threading.Thread(target=run, name="keygate-refresher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    # ------------------------------------------------------------------ encrypt
+    def _check_plaintext(self, plaintext: bytes) -> None:
+        if len(plaintext) > self.max_plaintext:
+            raise PayloadTooLarge(f"plaintext is larger than {self.max_plaintext} bytes")
+
+    def encrypt(
+        self, tenant: str, purpose: str, context: Mapping[str, str], plaintext: bytes
+    ) -> bytes:
+        """Encrypt one value; returns the binary envelope."""
+        if len(plaintext) > self.max_plaintext:
+            raise PayloadTooLarge(f"plaintext is larger than {self.max_plaintext} bytes")
+        a = self._active.get((tenant, purpose))
+        if a is None or next(a.counter) >= a.max_records or a.expires < self._clock():
+            a = self._new_active(tenant, purpose, a)
+        nonce = self._rng.nonce()
+        aad = encode_context(a.prefix, context) if context else a.aad0
+        return a.header + nonce + a.cipher.encrypt(nonce, plaintext, aad)
+
+    def encrypt_many(
+        self,
+        tenant: str,
+        purpose: str,
+        items: Sequence[tuple[Mapping[str, str], bytes]],
+    ) -> list[bytes | GatewayError]:
+        """Encrypt a batch; a bad item yields its error in its slot, the others go on."""
+        out: list[bytes | GatewayError] = []
+        append = out.append
+        nonce = self._rng.nonce
+        clock = self._clock
+        limit = self.max_plaintext
+        key = (tenant, purpose)
+        a = self._active.get(key)
+        now = clock()
+        for context, plaintext in items:
+            try:
+                if len(plaintext) > limit:
+                    raise PayloadTooLarge(f"plaintext is larger than {limit} bytes")
+                if a is None or next(a.counter) >= a.max_records or a.expires < now:
+                    a = self._new_active(tenant, purpose, a)
+                    now = clock()
+                n = nonce()
+                aad = encode_context(a.prefix, context) if context else a.aad0
+                append(a.header + n + a.cipher.encrypt(n, plaintext, aad))
+            except GatewayError as exc:
+                append(exc)
+        self.stats.records_encrypted += len(items)
+        return out
+
+    def active_version(self, tenant: str, purpose: str) -> int:
+        """The version new ciphertexts of tenant × purpose are made under (raises if none)."""
+        return self._active_record(tenant, purpose).version  # type: ignore[attr-defined, no-any-return]
+
+    def _active_record(self, tenant: str, purpose: str) -> object:
+        snap = self._snap
+        t = snap.tenants.get(tenant)
+        if t is None:
+            raise NotFound(f"unknown tenant {tenant}")
+        if not t.enabled:
+            raise KeyNotUsable(f"tenant {tenant} is disabled")
+        versions = snap.versions.get((tenant, purpose))
+        if not versions:
+            raise NotFound(f"no key for {tenant}/{purpose}")
+        for rec in reversed(versions):
+            if rec.state is KeyState.ACTIVE:
+                return rec
+        raise KeyNotUsable(f"{tenant}/{purpose} has no active key version")
+
+    def _new_active(self, tenant: str, purpose: str, seen: _Active | None) -> _Active:
+        with self._lock:
+            cur = self._active.get((tenant, purpose))
+            if cur is not None and cur is not seen and cur.expires >= self._clock():
+                if next(cur.counter) < cur.max_records:
+                    return cur
+            rec = self._active_record(tenant, purpose)
+            limits = self._snap.keys[(tenant, purpose)]
+            ref = KeyRef(tenant, purpose, rec.version)  # type: ignore[attr-defined]
+            dek = self._rng.dek()
+            mechanism, wrapped = self._hsm.wrap_dek(
+                rec.hsm_label,  # type: ignore[attr-defined]
+                dek,
+                aad=inner_wrap_aad(ref),
+            )
+            self.stats.hsm_wraps += 1
+            self.stats.deks_created += 1
+            key = DataKey(dek, suite=SUITE, key_ref=ref, chain=(WrapLayer(mechanism),), wrapped_dek=wrapped)
+            now = self._clock()
+            prefix = aad_prefix(SUITE, tenant, purpose)
+            active = _Active(key, prefix, int(limits.dek_max_records), now + float(limits.dek_max_age_s))
+            next(active.counter)
+            self._active[(tenant, purpose)] = active
+            self._remember(key, limits, now)
+            log.debug("dek.created", tenant=tenant, purpose=purpose, key_version=ref.version)
+            return active
+
+    def _remember(self, key: DataKey, limits: object, now: float) -> _Opened:
+        opened = _Opened(
+            key,
+            key.key_ref.tenant,
+            key.key_ref.purpose,
+            aad_prefix(SUITE, key.key_ref.tenant, key.key_ref.purpose),
+            int(limits.dek_max_records),  # type: ignore[attr-defined]
+            now + float(limits.dek_max_age_s),  # type: ignore[attr-defined]
+        )
+        cache = self._opened
+        if len(cache) >= self._max_cached:
+            try:
+                cache.pop(next(iter(cache)))
+            except (StopIteration, KeyError, RuntimeError):
+                pass
+        cache[key.header] = opened
+        return opened
+
+    # ------------------------------------------------------------------ decrypt
+    def decrypt(
+        self, tenant: str, purpose: str, context: Mapping[str, str], envelope: bytes
+    ) -> bytes:
+        """Decrypt one binary envelope under tenant × purpose and context."""
+        # Fast path: a header seen before is looked up by its exact bytes, so it needs no parsing;
+        # anything else goes through the full, bounded parser in _open_slow.
+        n = len(envelope)
+        if n < MIN_ENVELOPE_LEN or n > MAX_ENVELOPE_LEN:
+            raise DecryptionFailed("bad envelope length")
+        h = envelope[2] << 8 | envelope[3]
+        o = self._opened.get(envelope[:h])
+        if (
+            o is None
+            or o.tenant != tenant
+            or o.purpose != purpose
+            or next(o.counter) >= o.max_records
+            or o.expires < self._clock()
+        ):
+            o = self._open_slow(tenant, purpose, envelope)
+            h = o.h
+        try:
+            return o.cipher.decrypt(
+                envelope[h : h + 12],
+                envelope[h + 12 :],
+                encode_context(o.prefix, context) if context else o.aad0,
+            )
+        except InvalidTag:
+            raise DecryptionFailed() from None
+
+    def decrypt_many(
+        self,
+        tenant: str,
+        purpose: str,
+        items: Sequence[tuple[Mapping[str, str], bytes]],
+    ) -> list[bytes | GatewayError]:
+        out: list[bytes | GatewayError] = []
+        append = out.append
+        opened = self._opened
+        now = self._clock()
+        for context, envelope in items:
+            try:
+                n = len(envelope)
+                if n < MIN_ENVELOPE_LEN or n > MAX_ENVELOPE_LEN:
+                    raise DecryptionFailed("bad envelope length")
+                h = envelope[2] << 8 | envelope[3]
+                o = opened.get(envelope[:h])
+                if (
+                    o is None
+                    or o.tenant != tenant
+                    or o.purpose != purpose
+                    or next(o.counter) >= o.max_records
+                    or o.expires < now
+                ):
+                    o = self._open_slow(tenant, purpose, envelope)
+                    opened = self._opened
+                    h = o.h
+                aad = encode_context(o.prefix, context) if context else o.aad0
+                append(o.cipher.decrypt(envelope[h : h + 12], envelope[h + 12 :], aad))
+            except InvalidTag:
+                append(DecryptionFailed())
+            except GatewayError as exc:
+                append(exc)
+        self.stats.records_decrypted += len(items)
+        return out
+
+    def open_key(self, tenant: str, purpose: str, envelope: bytes) -> DataKey:
+        """The data key of an envelope (cached), with every state check applied."""
+        h = header_length(envelope)
+        o = self._opened.get(envelope[:h])
+        if o is None or o.tenant != tenant or o.purpose != purpose or o.expires < self._clock():
+            o = self._open_slow(tenant, purpose, envelope)
+        return o.key
+
+    def _open_slow(self, tenant: str, purpose: str, envelope: bytes) -> _Opened:
+        self.stats.cache_misses += 1
+        header = parse_header(envelope)
+        h = header.length
+        ref = header.key_ref
+        if ref.tenant != tenant or ref.purpose != purpose:
+            # Another tenant's or purpose's ciphertext: the same opaque answer as a tampered one.
+            raise DecryptionFailed()
+        snap = self._snap
+        t = snap.tenants.get(tenant)
+        if t is None:
+            raise NotFound(f"unknown tenant {tenant}")
+        if not t.enabled:
+            raise KeyNotUsable(f"tenant {tenant} is disabled")
+        rec = self._version(snap, ref)
+        if rec is None:
+            raise DecryptionFailed()
+        state: KeyState = rec.state  # type: ignore[attr-defined]
+        if state is KeyState.DESTROYED:
+            raise KeyDestroyed(f"key version {ref} has been destroyed")
+        if not state.can_decrypt:
+            raise KeyNotUsable(f"key version {ref} is {state.value}")
+        if len(header.chain) != 1:
+            raise ProviderRejected("this gateway has no adapter for the envelope's outer wrap")
+        dek = self._hsm.unwrap_dek(
+            rec.hsm_label,  # type: ignore[attr-defined]
+            header.chain[0].mechanism,
+            header.wrapped_dek,
+            aad=inner_wrap_aad(ref),
+        )
+        self.stats.hsm_unwraps += 1
+        key = DataKey.from_header(dek, header)
+        if key.header != envelope[:h]:
+            raise DecryptionFailed()
+        limits = snap.keys[(tenant, purpose)]
+        with self._lock:
+            return self._remember(key, limits, self._clock())
+
+    # ------------------------------------------------------------------ rewrap
+    def rewrap(self, tenant: str, purpose: str, envelope: bytes) -> bytes:
+        """The envelope under the active key version; only the header changes."""
+        h = header_length(envelope)
+        old = envelope[:h]
+        hit = self._rewrap.get(old)
+        if hit is None or hit[0] != tenant or hit[1] != purpose:
+            hit = self._rewrap_slow(tenant, purpose, envelope, h)
+        self.stats.records_rewrapped += 1
+        new = hit[2]
+        return envelope if new == old else new + envelope[h:]
+
+    def rewrap_many(
+        self, tenant: str, purpose: str, envelopes: Sequence[bytes]
+    ) -> list[bytes | GatewayError]:
+        out: list[bytes | GatewayError] = []
+        append = out.append
+        cache = self._rewrap
+        for envelope in envelopes:
+            try:
+                h = header_length(envelope)
+                old = envelope[:h]
+                hit = cache.get(old)
+                if hit is None or hit[0] != tenant or hit[1] != purpose:
+                    hit = self._rewrap_slow(tenant, purpose, envelope, h)
+                    cache = self._rewrap
+                new = hit[2]
+                append(envelope if new == old else new + envelope[h:])
+            except GatewayError as exc:
+                append(exc)
+        self.stats.records_rewrapped += len(envelopes)
+        return out
+
+    def _rewrap_slow(
+        self, tenant: str, purpose: str, envelope: bytes, h: int
+    ) -> tuple[str, str, bytes]:
+        key = self.open_key(tenant, purpose, envelope)
+        rec = self._active_record(tenant, purpose)
+        version: int = rec.version  # type: ignore[attr-defined]
+        if key.key_ref.version == version and len(key.chain) == 1:
+            entry = (tenant, purpose, key.header)
+        else:
+            ref = KeyRef(tenant, purpose, version)
+            mechanism, wrapped = self._hsm.wrap_dek(
+                rec.hsm_label,  # type: ignore[attr-defined]
+                key.dek_for_rewrap(REWRAP_CAPABILITY),
+                aad=inner_wrap_aad(ref),
+            )
+            self.stats.hsm_wraps += 1
+            new_key = DataKey(
+                key.dek_for_rewrap(REWRAP_CAPABILITY),
+                suite=key.suite,
+                key_ref=ref,
+                chain=(WrapLayer(mechanism),),
+                wrapped_dek=wrapped,
+            )
+            with self._lock:
+                self._remember(new_key, self._snap.keys[(tenant, purpose)], self._clock())
+            entry = (tenant, purpose, new_key.header)
+        self._rewrap[envelope[:h]] = entry
+        return entry

@@ -1,0 +1,490 @@
+"""Use cases: encrypt, decrypt, rewrap, records, and the custodians' key administration.
+
+The one place that orchestrates.  The API and the CLI call these methods; both get the same
+authorisation checks, the same audit events and the same errors.  Every call writes its audit
+event durably before it returns; when that fails the call fails with ``Unavailable`` and its
+result is thrown away (fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+
+from keygate.audit.events import AuditEvent
+from keygate.audit.writer import AuditWriter
+from keygate.core.errors import (
+    ConfigurationError,
+    DecryptionFailed,
+    Forbidden,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+)
+from keygate.core.model import KeyState
+from keygate.core.wire import from_text, to_text
+from keygate.keys.manager import KeyManager
+from keygate.policy.access import (
+    ANY,
+    OPERATIONS,
+    Principal,
+    hash_token,
+    new_token,
+    validate_identity_name,
+    validate_purpose,
+)
+from keygate.policy.records import RecordPolicy, Treatment, is_valid_record_type
+from keygate.policy.tenants import validate_tenant
+
+__all__ = ["BatchResult", "Gateway", "ReadinessReport"]
+
+log = structlog.get_logger(__name__)
+
+MAX_RECORD_ID_LEN: Final = 128
+_U32: Final = struct.Struct(">I")
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """Per-item results in request order: a value, or the error for that item."""
+
+    items: list[Any]
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessReport:
+    ready: bool
+    checks: dict[str, str] = field(default_factory=dict)
+
+
+def key_version_of(envelope: bytes) -> int:
+    """The KEK version named by a binary envelope header (already validated by its producer)."""
+    pos = 4 + 1 + envelope[4]
+    pos += 1 + envelope[pos]
+    return int(_U32.unpack_from(envelope, pos)[0])
+
+
+def _check_record_id(record_id: object) -> str:
+    if (
+        record_id.__class__ is not str
+        or not 1 <= len(record_id) <= MAX_RECORD_ID_LEN  # type: ignore[arg-type]
+        or "\x00" in record_id  # type: ignore[operator]
+    ):
+        raise InvalidRequest(f"record_id must be a string of 1..{MAX_RECORD_ID_LEN} characters")
+    return record_id  # type: ignore[return-value]
+
+
+class Gateway:
+    """keygate's use cases over a key manager, a registry, an HSM and an audit writer."""
+
+    def __init__(
+        self,
+        *,
+        registry: Any,
+        hsm: Any,
+        keys: KeyManager,
+        audit: AuditWriter,
+        audit_store: Any,
+        policies: Mapping[str, RecordPolicy],
+        max_batch_items: int = 10_000,
+        default_dek_max_records: int = 1 << 20,
+        default_dek_max_age_s: float = 600.0,
+    ) -> None:
+        self.registry = registry
+        self.hsm = hsm
+        self.keys = keys
+        self.audit = audit
+        self.audit_store = audit_store
+        self.policies = dict(policies)
+        self.max_batch_items = max_batch_items
+        self.default_dek_max_records = default_dek_max_records
+        self.default_dek_max_age_s = default_dek_max_age_s
+
+    # ------------------------------------------------------------------ audit helpers
+    @contextmanager
+    def _audited(self, action: str, actor: str, request_id: str, **fields: Any) -> Iterator[dict[str, Any]]:
+        """Run the body, then write one audit event with its outcome (fail closed)."""
+        out: dict[str, Any] = {}
+        try:
+            yield out
+        except GatewayError as exc:
+            outcome = "denied" if isinstance(exc, Forbidden) or exc.code == "UNAUTHENTICATED" else "error"
+            self._write(action, actor, request_id, outcome=outcome, code=exc.code, **fields, **out)
+            raise
+        except Exception:
+            self._write(action, actor, request_id, outcome="error", code="INTERNAL", **fields, **out)
+            raise
+        self._write(action, actor, request_id, outcome="ok", **fields, **out)
+
+    def _write(self, action: str, actor: str, request_id: str, **fields: Any) -> None:
+        detail = fields.pop("detail", {})
+        event = AuditEvent(action=action, actor=actor, request_id=request_id, detail=detail, **fields)
+        self.audit.write(event)
+
+    def audit_event(self, event: AuditEvent) -> None:
+        """Write an event built elsewhere (the API's authentication failures)."""
+        self.audit.write(event)
+
+    # ------------------------------------------------------------------ authentication
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal a bearer token belongs to, or None (revoked, unknown)."""
+        identity = self.keys.snapshot.identities_by_hash.get(hash_token(token))
+        if identity is None:
+            return None
+        return Principal(
+            identity.name,
+            identity.tenants,
+            identity.purposes,
+            identity.record_types,
+            identity.operations,
+        )
+
+    # ------------------------------------------------------------------ opaque values
+    def _check_scope(self, p: Principal, operation: str, tenant: object, purpose: object) -> tuple[str, str]:
+        validate_tenant(tenant)
+        validate_purpose(purpose)
+        p.require(operation, tenant, purpose)  # type: ignore[arg-type]
+        return tenant, purpose  # type: ignore[return-value]
+
+    def _check_batch(self, items: Sequence[object]) -> None:
+        if len(items) > self.max_batch_items:
+            raise PayloadTooLarge(f"a batch holds at most {self.max_batch_items} items")
+
+    def encrypt(
+        self, p: Principal, request_id: str, tenant: str, purpose: str,
+        context: Mapping[str, str], plaintext: bytes,
+    ) -> tuple[str, int]:
+        with self._audited("crypto.encrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose)) as a:
+            tenant, purpose = self._check_scope(p, "encrypt", tenant, purpose)
+            envelope = self.keys.encrypt(tenant, purpose, context, plaintext)
+            version = key_version_of(envelope)
+            a["key_version"] = version
+        return to_text(envelope), version
+
+    def decrypt(
+        self, p: Principal, request_id: str, tenant: str, purpose: str,
+        context: Mapping[str, str], ciphertext: str,
+    ) -> bytes:
+        with self._audited("crypto.decrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose)) as a:
+            tenant, purpose = self._check_scope(p, "decrypt", tenant, purpose)
+            envelope = from_text(ciphertext)
+            plaintext = self.keys.decrypt(tenant, purpose, context, envelope)
+            a["key_version"] = key_version_of(envelope)
+        return plaintext
+
+    def encrypt_batch(
+        self, p: Principal, request_id: str, tenant: str, purpose: str,
+        items: Sequence[tuple[Mapping[str, str], bytes]],
+    ) -> BatchResult:
+        with self._audited("crypto.encrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose), items=len(items)) as a:
+            self._check_batch(items)
+            tenant, purpose = self._check_scope(p, "encrypt", tenant, purpose)
+            raw = self.keys.encrypt_many(tenant, purpose, items)
+            result = _texts(raw)
+            a["items_failed"] = result.failed
+            if result.failed < len(items):
+                a["key_version"] = self.keys.active_version(tenant, purpose)
+        return result
+
+    def decrypt_batch(
+        self, p: Principal, request_id: str, tenant: str, purpose: str,
+        items: Sequence[tuple[Mapping[str, str], str]],
+    ) -> BatchResult:
+        with self._audited("crypto.decrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose), items=len(items)) as a:
+            self._check_batch(items)
+            tenant, purpose = self._check_scope(p, "decrypt", tenant, purpose)
+            decoded: list[Any] = []
+            for context, text in items:
+                try:
+                    decoded.append((context, from_text(text)))
+                except GatewayError as exc:
+                    decoded.append(exc)
+            good = [d for d in decoded if not isinstance(d, GatewayError)]
+            opened = iter(self.keys.decrypt_many(tenant, purpose, good))
+            out = [d if isinstance(d, GatewayError) else next(opened) for d in decoded]
+            failed = sum(isinstance(o, GatewayError) for o in out)
+            a["items_failed"] = failed
+        return BatchResult(out, failed)
+
+    def rewrap_batch(
+        self, p: Principal, request_id: str, tenant: str, purpose: str, ciphertexts: Sequence[str]
+    ) -> BatchResult:
+        with self._audited("crypto.rewrap", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose), items=len(ciphertexts)) as a:
+            self._check_batch(ciphertexts)
+            tenant, purpose = self._check_scope(p, "rewrap", tenant, purpose)
+            out: list[Any] = []
+            for text in ciphertexts:
+                try:
+                    env = from_text(text)
+                    new = self.keys.rewrap(tenant, purpose, env)
+                    out.append(text if new is env else to_text(new))
+                except GatewayError as exc:
+                    out.append(exc)
+            failed = sum(isinstance(o, GatewayError) for o in out)
+            a["items_failed"] = failed
+            if failed < len(out):
+                a["key_version"] = self.keys.active_version(tenant, purpose)
+        return BatchResult(out, failed)
+
+    # ------------------------------------------------------------------ records
+    def _policy(self, p: Principal, record_type: str) -> RecordPolicy:
+        if not is_valid_record_type(record_type):
+            raise InvalidRequest("record type must match [a-z][a-z0-9_-]{0,63}")
+        p.require_record_type(record_type)
+        policy = self.policies.get(record_type)
+        if policy is None:
+            raise NotFound(f"unknown record type {record_type}")
+        return policy
+
+    def _record_scope(self, p: Principal, operation: str, tenant: object, record_type: str) -> tuple[str, RecordPolicy]:
+        validate_tenant(tenant)
+        if not p.may(operation, tenant):  # type: ignore[arg-type]
+            p.require(operation, tenant)  # type: ignore[arg-type]
+        return tenant, self._policy(p, record_type)  # type: ignore[return-value]
+
+    def _encrypt_record(self, p: Principal, tenant: str, policy: RecordPolicy, record_id: object, record: object) -> dict[str, Any]:
+        record_id = _check_record_id(record_id)
+        if not isinstance(record, Mapping):
+            raise InvalidRequest("record must be a JSON object")
+        policy.validate(record)
+        out: dict[str, Any] = {}
+        for name, value in record.items():
+            fp = policy.field_for(name)
+            if fp.treatment is Treatment.CLEAR:
+                out[name] = value
+                continue
+            purpose = fp.purpose or policy.default_purpose
+            if not p.may_purpose(purpose):
+                raise Forbidden(f"identity {p.name} is not allowed purpose {purpose}")
+            plaintext = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+            context = {"record_type": policy.record_type, "record_id": record_id, "field": name}
+            out[name] = to_text(self.keys.encrypt(tenant, purpose, context, plaintext))
+        return out
+
+    def _decrypt_record(self, p: Principal, tenant: str, policy: RecordPolicy, record_id: object, record: object) -> tuple[dict[str, Any], int]:
+        record_id = _check_record_id(record_id)
+        if not isinstance(record, Mapping):
+            raise InvalidRequest("record must be a JSON object")
+        out: dict[str, Any] = {}
+        withheld = 0
+        for name, value in record.items():
+            fp = policy.field_for(name)
+            if fp.treatment is Treatment.CLEAR:
+                out[name] = value
+                continue
+            purpose = fp.purpose or policy.default_purpose
+            if not p.may_purpose(purpose):
+                out[name] = value  # not this caller's to read: stays encrypted
+                withheld += 1
+                continue
+            if not isinstance(value, str):
+                raise ValidationFailed(f"field {name!r} must hold a keygate ciphertext")
+            context = {"record_type": policy.record_type, "record_id": record_id, "field": name}
+            plaintext = self.keys.decrypt(tenant, purpose, context, from_text(value))
+            try:
+                out[name] = json.loads(plaintext)
+            except ValueError:
+                raise DecryptionFailed() from None
+        return out, withheld
+
+    def encrypt_record(self, p: Principal, request_id: str, record_type: str, tenant: str, record_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        with self._audited("record.encrypt", p.name, request_id, tenant=_t(tenant), record_type=_t(record_type)):
+            tenant, policy = self._record_scope(p, "encrypt", tenant, record_type)
+            return self._encrypt_record(p, tenant, policy, record_id, record)
+
+    def decrypt_record(self, p: Principal, request_id: str, record_type: str, tenant: str, record_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        with self._audited("record.decrypt", p.name, request_id, tenant=_t(tenant), record_type=_t(record_type)) as a:
+            tenant, policy = self._record_scope(p, "decrypt", tenant, record_type)
+            out, withheld = self._decrypt_record(p, tenant, policy, record_id, record)
+            a["detail"] = {"fields_withheld": withheld}
+        return out
+
+    def _record_batch(self, action: str, operation: str, fn: Callable[..., Any], p: Principal, request_id: str, record_type: str, tenant: str, items: Sequence[tuple[object, object]]) -> BatchResult:
+        with self._audited(action, p.name, request_id, tenant=_t(tenant), record_type=_t(record_type), items=len(items)) as a:
+            self._check_batch(items)
+            tenant, policy = self._record_scope(p, operation, tenant, record_type)
+            out: list[Any] = []
+            for record_id, record in items:
+                try:
+                    r = fn(p, tenant, policy, record_id, record)
+                    out.append(r[0] if isinstance(r, tuple) else r)
+                except GatewayError as exc:
+                    out.append(exc)
+            failed = sum(isinstance(o, GatewayError) for o in out)
+            a["items_failed"] = failed
+        return BatchResult(out, failed)
+
+    def encrypt_record_batch(self, p: Principal, request_id: str, record_type: str, tenant: str, items: Sequence[tuple[object, object]]) -> BatchResult:
+        return self._record_batch("record.encrypt", "encrypt", self._encrypt_record, p, request_id, record_type, tenant, items)
+
+    def decrypt_record_batch(self, p: Principal, request_id: str, record_type: str, tenant: str, items: Sequence[tuple[object, object]]) -> BatchResult:
+        return self._record_batch("record.decrypt", "decrypt", self._decrypt_record, p, request_id, record_type, tenant, items)
+
+    # ------------------------------------------------------------------ administration
+    def add_tenant(self, actor: str, tenant: str, *, name: str = "") -> Any:
+        with self._audited("tenant.added", actor, _rid(), tenant=_t(tenant)):
+            kind = validate_tenant(tenant)
+            return self.registry.add_tenant(tenant, kind=str(kind), name=name or tenant)
+
+    def set_tenant_enabled(self, actor: str, tenant: str, enabled: bool) -> Any:
+        action = "tenant.enabled" if enabled else "tenant.disabled"
+        with self._audited(action, actor, _rid(), tenant=_t(tenant)):
+            validate_tenant(tenant)
+            rec = self.registry.set_tenant_enabled(tenant, enabled)
+        self.keys.refresh(force=True)
+        return rec
+
+    def _new_label(self, tenant: str, purpose: str, version: int) -> str:
+        return f"kg/{tenant}/{purpose}/v{version}/{secrets.token_hex(4)}"
+
+    def create_key(self, actor: str, tenant: str, purpose: str, *, dek_max_records: int | None = None, dek_max_age_s: float | None = None) -> Any:
+        with self._audited("key.created", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose), key_version=1):
+            validate_tenant(tenant)
+            validate_purpose(purpose)
+            if self.registry.get_tenant(tenant) is None:
+                raise NotFound(f"unknown tenant {tenant}")
+            label = self._new_label(tenant, purpose, 1)
+            self.hsm.create_kek(label)
+            try:
+                rec = self.registry.create_key(
+                    tenant, purpose, hsm_label=label,
+                    dek_max_records=dek_max_records or self.default_dek_max_records,
+                    dek_max_age_s=dek_max_age_s or self.default_dek_max_age_s,
+                )
+            except GatewayError:
+                self.hsm.destroy_kek(label)
+                raise
+        self.keys.refresh(force=True)
+        return rec
+
+    def rotate_key(self, actor: str, tenant: str, purpose: str) -> Any:
+        with self._audited("key.rotated", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose)) as a:
+            validate_tenant(tenant)
+            validate_purpose(purpose)
+            versions = self.registry.list_versions(tenant, purpose)
+            if not versions:
+                raise NotFound(f"no key for {tenant}/{purpose}")
+            label = self._new_label(tenant, purpose, versions[-1].version + 1)
+            self.hsm.create_kek(label)
+            try:
+                rec = self.registry.add_version(tenant, purpose, hsm_label=label)
+            except GatewayError:
+                self.hsm.destroy_kek(label)
+                raise
+            a["key_version"] = rec.version
+        self.keys.refresh(force=True)
+        return rec
+
+    def set_key_state(self, actor: str, tenant: str, purpose: str, version: int, *, enabled: bool) -> Any:
+        action = "key.enabled" if enabled else "key.disabled"
+        with self._audited(action, actor, _rid(), tenant=_t(tenant), purpose=_t(purpose), key_version=version if version >= 1 else None):
+            validate_tenant(tenant)
+            validate_purpose(purpose)
+            current = self.registry.get_version(tenant, purpose, version)
+            if current is None:
+                raise NotFound(f"no key version {tenant}/{purpose}/v{version}")
+            if enabled:
+                # The registry decides between active and decrypt-only when re-enabling.
+                rec = self.registry.set_version_state(tenant, purpose, version, KeyState.ACTIVE)
+            else:
+                rec = self.registry.set_version_state(tenant, purpose, version, KeyState.DISABLED)
+        self.keys.refresh(force=True)
+        return rec
+
+    def add_identity(self, actor: str, name: str, *, tenants: Sequence[str], purposes: Sequence[str], record_types: Sequence[str], operations: Sequence[str]) -> tuple[Any, str]:
+        with self._audited("identity.added", actor, _rid(), detail={"identity": _t(name) or "?"}):
+            validate_identity_name(name)
+            for t in tenants:
+                if t != ANY:
+                    validate_tenant(t)
+            for pu in purposes:
+                if pu != ANY:
+                    validate_purpose(pu)
+            for rt in record_types:
+                if rt != ANY and not is_valid_record_type(rt):
+                    raise InvalidRequest(f"bad record type {rt!r}")
+            unknown = set(operations) - OPERATIONS - {ANY}
+            if unknown:
+                raise InvalidRequest(f"unknown operations: {', '.join(sorted(unknown))}")
+            token = new_token()
+            rec = self.registry.add_identity(
+                name, token_hash=hash_token(token), tenants=list(tenants), purposes=list(purposes),
+                record_types=list(record_types), operations=list(operations),
+            )
+        self.keys.refresh(force=True)
+        return rec, token
+
+    def revoke_identity(self, actor: str, name: str) -> Any:
+        with self._audited("identity.revoked", actor, _rid(), detail={"identity": _t(name) or "?"}):
+            rec = self.registry.revoke_identity(name)
+        self.keys.refresh(force=True)
+        return rec
+
+    # ------------------------------------------------------------------ operations
+    def readiness(self) -> ReadinessReport:
+        checks: dict[str, str] = {}
+        for name, probe in (
+            ("hsm", self.hsm.check),
+            ("registry", self.registry.ping),
+            ("audit", self._audit_probe),
+        ):
+            try:
+                probe()
+                checks[name] = "ok"
+            except GatewayError as exc:
+                checks[name] = f"unavailable: {exc.detail}"
+            except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
+                checks[name] = f"unavailable: {type(exc).__name__}"
+        return ReadinessReport(all(v == "ok" for v in checks.values()), checks)
+
+    def _audit_probe(self) -> None:
+        self.audit_store.ping()
+        if not self.audit.healthy:
+            raise ConfigurationError("the last audit write failed")
+
+    def close(self) -> None:
+        self.keys.stop()
+        self.audit.close()
+        for thing in (self.hsm, self.registry, self.audit_store):
+            try:
+                thing.close()
+            except Exception:  # noqa: BLE001, S112 - closing is best effort
+                continue
+
+
+def _texts(raw: Sequence[bytes | GatewayError]) -> BatchResult:
+    out: list[Any] = []
+    failed = 0
+    for r in raw:
+        if isinstance(r, GatewayError):
+            out.append(r)
+            failed += 1
+        else:
+            out.append(to_text(r))
+    return BatchResult(out, failed)
+
+
+def _t(value: object) -> str | None:
+    """A value safe to put in an audit field: short printable text, else None."""
+    if isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
+        return value
+    return None
+
+
+def _rid() -> str:
+    return "cli-" + secrets.token_hex(8)
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000
