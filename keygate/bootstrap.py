@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -71,13 +73,21 @@ def open_registry(settings: Settings, *, create: bool = False) -> tuple[Registry
     return registry, store
 
 
-def build_gateway(settings: Settings, *, start_refresher: bool = True) -> Gateway:
-    """A ready Gateway.  The HSM connects lazily, so a missing token shows in /readyz."""
+def build_gateway(
+    settings: Settings,
+    *,
+    start_refresher: bool = True,
+    instrument_hsm: Callable[[Any], Any] | None = None,
+) -> Gateway:
+    """A ready Gateway.  The HSM connects lazily, so a missing token shows in /readyz.
+
+    ``instrument_hsm`` may wrap the HSM adapter the key manager calls (the API adds metrics).
+    """
     registry, store = open_registry(settings, create=True)
     hsm = Pkcs11Hsm(hsm_config(settings))
     keys = KeyManager(
         registry=registry,
-        hsm=hsm,
+        hsm=instrument_hsm(hsm) if instrument_hsm is not None else hsm,
         rng=SystemRandom(),
         max_plaintext=settings.max_plaintext_bytes,
         max_cached_keys=settings.max_cached_keys,

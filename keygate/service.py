@@ -8,6 +8,7 @@ result is thrown away (fail closed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import struct
@@ -38,6 +39,7 @@ from keygate.policy.access import (
     ANY,
     OPERATIONS,
     Principal,
+    certificate_key,
     hash_token,
     new_token,
     validate_identity_name,
@@ -139,7 +141,10 @@ class Gateway:
     # ------------------------------------------------------------------ authentication
     def authenticate(self, token: str) -> Principal | None:
         """The principal a bearer token belongs to, or None (revoked, unknown)."""
-        identity = self.keys.snapshot.identities_by_hash.get(hash_token(token))
+        return self._principal(hash_token(token))
+
+    def _principal(self, key: str) -> Principal | None:
+        identity = self.keys.snapshot.identities_by_hash.get(key)
         if identity is None:
             return None
         return Principal(
@@ -149,6 +154,10 @@ class Gateway:
             identity.record_types,
             identity.operations,
         )
+
+    def authenticate_certificate(self, der: bytes) -> Principal | None:
+        """The principal a TLS client certificate (DER) is registered to, or None."""
+        return self._principal(certificate_key(der))
 
     # ------------------------------------------------------------------ opaque values
     def _check_scope(self, p: Principal, operation: str, tenant: object, purpose: object) -> tuple[str, str]:
@@ -346,7 +355,13 @@ class Gateway:
         return rec
 
     def _new_label(self, tenant: str, purpose: str, version: int) -> str:
-        return f"kg/{tenant}/{purpose}/v{version}/{secrets.token_hex(4)}"
+        """A unique HSM object label; readable when it fits in 64 characters."""
+        suffix = secrets.token_hex(4)
+        label = f"kg/{tenant}/{purpose}/v{version}/{suffix}"
+        if len(label) > 64:
+            digest = hashlib.sha256(f"{tenant}/{purpose}".encode()).hexdigest()[:16]
+            label = f"kg/{digest}/v{version}/{suffix}"
+        return label
 
     def create_key(self, actor: str, tenant: str, purpose: str, *, dek_max_records: int | None = None, dek_max_age_s: float | None = None) -> Any:
         with self._audited("key.created", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose), key_version=1):
@@ -402,7 +417,9 @@ class Gateway:
         self.keys.refresh(force=True)
         return rec
 
-    def add_identity(self, actor: str, name: str, *, tenants: Sequence[str], purposes: Sequence[str], record_types: Sequence[str], operations: Sequence[str]) -> tuple[Any, str]:
+    def add_identity(self, actor: str, name: str, *, tenants: Sequence[str], purposes: Sequence[str], record_types: Sequence[str], operations: Sequence[str], certificate_der: bytes | None = None) -> tuple[Any, str | None]:
+        """Register a service identity.  Returns its bearer token (shown once), or None when it
+        authenticates by TLS client certificate instead."""
         with self._audited("identity.added", actor, _rid(), detail={"identity": _t(name) or "?"}):
             validate_identity_name(name)
             for t in tenants:
@@ -417,9 +434,14 @@ class Gateway:
             unknown = set(operations) - OPERATIONS - {ANY}
             if unknown:
                 raise InvalidRequest(f"unknown operations: {', '.join(sorted(unknown))}")
-            token = new_token()
+            token: str | None = None
+            if certificate_der is not None:
+                credential = certificate_key(certificate_der)
+            else:
+                token = new_token()
+                credential = hash_token(token)
             rec = self.registry.add_identity(
-                name, token_hash=hash_token(token), tenants=list(tenants), purposes=list(purposes),
+                name, token_hash=credential, tenants=list(tenants), purposes=list(purposes),
                 record_types=list(record_types), operations=list(operations),
             )
         self.keys.refresh(force=True)

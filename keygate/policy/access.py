@@ -14,6 +14,7 @@ from keygate.core.errors import Forbidden, InvalidRequest
 
 __all__ = [
     "OPERATIONS",
+    "certificate_key",
     "Principal",
     "hash_token",
     "new_token",
@@ -26,7 +27,7 @@ OPERATIONS: Final = frozenset({"encrypt", "decrypt", "rewrap"})
 ANY: Final = "*"
 TOKEN_PREFIX: Final = "kgt_"
 _PURPOSE_RE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 def new_token() -> str:
@@ -37,6 +38,11 @@ def new_token() -> str:
 def hash_token(token: str) -> str:
     """SHA-256 of a bearer token (tokens are 256-bit random, so a fast hash is enough)."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def certificate_key(der: bytes) -> str:
+    """The registry key of a TLS client certificate: its SHA-256 fingerprint."""
+    return "cert-sha256:" + hashlib.sha256(der).hexdigest()
 
 
 def tokens_equal(a: str, b: str) -> bool:
@@ -51,7 +57,7 @@ def validate_purpose(purpose: object) -> str:
 
 def validate_identity_name(name: object) -> str:
     if name.__class__ is not str or not _NAME_RE.fullmatch(name):  # type: ignore[arg-type]
-        raise InvalidRequest("identity names must match [A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
+        raise InvalidRequest("identity names must match [A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
     return name  # type: ignore[return-value]
 
 

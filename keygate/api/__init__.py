@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): schemas, authentication, error mapping to problem+json."""
