@@ -187,6 +187,10 @@ class GatewayMiddleware:
 def create_app(settings: Settings | None = None, gateway: Gateway | None = None) -> FastAPI:
     """The ASGI app.  Built per worker process (``uvicorn --factory``)."""
     settings = settings or load_settings()
+    if gateway is None:
+        from keygate.logging import configure_logging
+
+        configure_logging(fmt=settings.log_format, level=settings.log_level)
     metrics = Metrics()
     gw_holder: dict[str, Gateway] = {}
     if gateway is not None:

@@ -1,0 +1,385 @@
+"""``keygate``: the admin CLI for key custodians.
+
+Every command acts on the same registry and HSM as running gateways, which pick changes up within
+seconds (they poll the registry's generation counter).  Errors print one clear line and exit with
+a stable code; a stack trace only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Final, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from keygate.core.errors import GatewayError
+
+__all__ = ["EXIT_CODES", "app", "main"]
+
+#: exit code per error code (sysexits.h where one fits)
+EXIT_CODES: Final[dict[str, int]] = {
+    "INVALID_REQUEST": 64,  # EX_USAGE
+    "INVALID_TENANT": 64,
+    "VALIDATION_FAILED": 65,  # EX_DATAERR
+    "DECRYPTION_FAILED": 65,
+    "PAYLOAD_TOO_LARGE": 65,
+    "NOT_FOUND": 66,  # EX_NOINPUT
+    "UNAUTHENTICATED": 77,  # EX_NOPERM
+    "FORBIDDEN": 77,
+    "KEY_NOT_USABLE": 75,  # EX_TEMPFAIL
+    "KEY_DESTROYED": 65,
+    "UNAVAILABLE": 69,  # EX_UNAVAILABLE
+    "CONFIGURATION": 78,  # EX_CONFIG
+}
+
+app = typer.Typer(
+    name="keygate",
+    help="keygate: government-held keys, envelope encryption and audit for the Government Cloud.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+tenant_app = typer.Typer(help="Tenants: local governments (全国地方公共団体コード) or central organisations.", no_args_is_help=True)
+key_app = typer.Typer(help="Keys (KEKs in the HSM) per tenant × purpose, and their versions.", no_args_is_help=True)
+token_app = typer.Typer(help="Service identities and their bearer tokens.", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(key_app, name="key")
+app.add_typer(token_app, name="token")
+
+out = Console()
+err = Console(stderr=True)
+_state: dict[str, Any] = {"verbose": False, "actor": None}
+T = TypeVar("T")
+
+
+def _actor() -> str:
+    actor = _state["actor"] or os.environ.get("KEYGATE_ACTOR")
+    if actor:
+        return str(actor)
+    try:
+        return "custodian:" + getpass.getuser()
+    except (KeyError, OSError):
+        return "custodian:unknown"
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    if isinstance(exc, GatewayError):
+        err.print(f"[bold red]error[/] [{exc.code}] {exc.detail}", highlight=False)
+        code = EXIT_CODES.get(exc.code, 1)
+    else:
+        err.print(f"[bold red]error[/] {type(exc).__name__}: {exc}", highlight=False)
+        code = 1
+    if _state["verbose"]:
+        err.print_exception()
+    else:
+        err.print("[dim](run with --verbose for details)[/]")
+    return typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except (GatewayError, OSError, ValueError) as exc:
+        raise _fail(exc) from None
+
+
+@contextmanager
+def _gateway() -> Iterator[Any]:
+    """A gateway for one admin command (no refresher thread: the command is short-lived)."""
+    with _errors():
+        from keygate.bootstrap import build_gateway
+        from keygate.config import load_settings
+
+        gw = build_gateway(load_settings(), start_refresher=False)
+        try:
+            yield gw
+        finally:
+            gw.close()
+
+
+def _run(fn: Callable[[Any], T]) -> T:
+    with _gateway() as gw, _errors():
+        return fn(gw)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show stack traces on errors.")] = False,
+    actor: Annotated[str | None, typer.Option(help="Custodian name recorded in the audit trail (default: your OS user).")] = None,
+) -> None:
+    _state["verbose"] = verbose
+    _state["actor"] = actor
+    from keygate.logging import configure_logging
+
+    configure_logging(fmt=os.environ.get("KEYGATE_LOG_FORMAT", "console"), level="debug" if verbose else "warning")
+
+
+# ---------------------------------------------------------------------- init / serve
+@app.command()
+def init(
+    softhsm: Annotated[bool, typer.Option(help="Also create a SoftHSM token in the data directory (development only).")] = False,
+) -> None:
+    """Create the registry and audit tables and check that the HSM token logs in."""
+    with _errors():
+        from keygate.bootstrap import hsm_config, open_registry
+        from keygate.config import load_settings
+
+        settings = load_settings()
+        if softhsm:
+            _init_softhsm(settings)
+        registry, store = open_registry(settings, create=True)
+        registry.close()
+        store.close()
+        from keygate.hsm.pkcs11 import Pkcs11Hsm
+
+        hsm = Pkcs11Hsm(hsm_config(settings))
+        try:
+            hsm.check()
+            mech = hsm.mechanism
+        finally:
+            hsm.close()
+    out.print(f"[green]ok[/] registry {settings.data_dir}; HSM token {settings.hsm_token_label!r} answers; wrap mechanism {mech.name}")
+
+
+def _init_softhsm(settings: Any) -> None:
+    from keygate.hsm.softhsm import init_softhsm_token
+
+    pin = settings.hsm_pin.get_secret_value() if settings.hsm_pin else None
+    if not pin:
+        raise typer.BadParameter("set KEYGATE_HSM_PIN to the user PIN the new token should have")
+    token = init_softhsm_token(
+        settings.data_dir / "softhsm", label=settings.hsm_token_label, user_pin=pin, so_pin=os.urandom(8).hex()
+    )
+    out.print(f"SoftHSM token {token.label!r} created; export SOFTHSM2_CONF={token.conf_path}")
+    os.environ.update(token.env)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8443; 0 = any free port).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default 2).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="CA for client certificates: turns on mTLS.")] = None,
+) -> None:
+    """Run the HTTP gateway with several worker processes."""
+    import ssl
+    import tempfile
+
+    import uvicorn
+
+    from keygate.config import load_settings
+
+    overrides = {
+        "KEYGATE_HOST": host, "KEYGATE_PORT": port, "KEYGATE_WORKERS": workers,
+        "KEYGATE_TLS_CERT": tls_cert, "KEYGATE_TLS_KEY": tls_key, "KEYGATE_TLS_CLIENT_CA": tls_client_ca,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            os.environ[name] = str(value)  # the workers read the same settings from the environment
+    with _errors():
+        settings = load_settings()
+        if bool(settings.tls_cert) != bool(settings.tls_key):
+            raise typer.BadParameter("--tls-cert and --tls-key go together")
+        if settings.tls_client_ca and not settings.tls_cert:
+            raise typer.BadParameter("mTLS (--tls-client-ca) needs --tls-cert and --tls-key")
+        if settings.workers > 1:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keygate-metrics-")
+        kwargs: dict[str, Any] = {}
+        if settings.tls_cert:
+            kwargs.update(ssl_certfile=str(settings.tls_cert), ssl_keyfile=str(settings.tls_key))
+        if settings.tls_client_ca:
+            kwargs.update(
+                ssl_ca_certs=str(settings.tls_client_ca),
+                ssl_cert_reqs=ssl.CERT_REQUIRED,
+                http="keygate.api.tls:ClientCertH11Protocol",
+            )
+        uvicorn.run(
+            "keygate.api.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=10,
+            **kwargs,
+        )
+
+
+# ---------------------------------------------------------------------- tenants
+@tenant_app.command("add")
+def tenant_add(
+    tenant: Annotated[str, typer.Argument(help="6-digit local government code (e.g. 131016) or a slug.")],
+    name: Annotated[str, typer.Option(help="Display name, e.g. 千代田区.")] = "",
+) -> None:
+    """Register a tenant."""
+    rec = _run(lambda gw: gw.add_tenant(_actor(), tenant, name=name))
+    out.print(f"[green]added[/] tenant {rec.id} ({rec.kind}) {rec.name}")
+
+
+@tenant_app.command("list")
+def tenant_list() -> None:
+    """List tenants."""
+    rows = _run(lambda gw: gw.registry.list_tenants())
+    table = Table("tenant", "kind", "name", "enabled", "created")
+    for r in rows:
+        table.add_row(r.id, r.kind, r.name, "yes" if r.enabled else "[red]no[/]", r.created_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+@tenant_app.command("disable")
+def tenant_disable(tenant: str) -> None:
+    """Disable a tenant: every key of it stops working in running gateways within seconds."""
+    _run(lambda gw: gw.set_tenant_enabled(_actor(), tenant, False))
+    out.print(f"[yellow]disabled[/] tenant {tenant}")
+
+
+@tenant_app.command("enable")
+def tenant_enable(tenant: str) -> None:
+    """Enable a tenant again."""
+    _run(lambda gw: gw.set_tenant_enabled(_actor(), tenant, True))
+    out.print(f"[green]enabled[/] tenant {tenant}")
+
+
+# ---------------------------------------------------------------------- keys
+@key_app.command("create")
+def key_create(
+    tenant: str,
+    purpose: Annotated[str, typer.Argument(help="Data class, e.g. resident, tax, mynumber.")],
+    dek_max_records: Annotated[int | None, typer.Option(help="Records per DEK before a new one is made.")] = None,
+    dek_max_age: Annotated[float | None, typer.Option(help="Seconds a DEK is used and cached.")] = None,
+) -> None:
+    """Create the KEK (version 1) of tenant × purpose in the HSM."""
+    rec = _run(lambda gw: gw.create_key(_actor(), tenant, purpose, dek_max_records=dek_max_records, dek_max_age_s=dek_max_age))
+    out.print(f"[green]created[/] {tenant}/{purpose} v{rec.version} ({rec.state.value}) in the HSM as {rec.hsm_label}")
+
+
+@key_app.command("rotate")
+def key_rotate(tenant: str, purpose: str) -> None:
+    """Make a new active KEK version; the previous one becomes decrypt-only."""
+    rec = _run(lambda gw: gw.rotate_key(_actor(), tenant, purpose))
+    out.print(f"[green]rotated[/] {tenant}/{purpose}: v{rec.version} is active; older versions are decrypt-only until rewrapped")
+
+
+@key_app.command("list")
+def key_list(tenant: Annotated[str | None, typer.Argument()] = None) -> None:
+    """List keys and their versions."""
+
+    def collect(gw: Any) -> list[tuple[Any, list[Any]]]:
+        return [(k, gw.registry.list_versions(k.tenant, k.purpose)) for k in gw.registry.list_keys(tenant)]
+
+    rows = _run(collect)
+    table = Table("tenant", "purpose", "version", "state", "HSM label", "DEK limits", "updated")
+    colours = {"active": "green", "decrypt-only": "cyan", "disabled": "yellow", "destroyed": "red"}
+    for k, versions in rows:
+        for v in versions:
+            table.add_row(
+                k.tenant, k.purpose, str(v.version), f"[{colours.get(v.state.value, 'white')}]{v.state.value}[/]",
+                v.hsm_label, f"{k.dek_max_records} rec / {k.dek_max_age_s:g} s", v.updated_at.isoformat(timespec="seconds"),
+            )
+    out.print(table)
+
+
+def _set_state(tenant: str, purpose: str, version: int, *, enabled: bool) -> None:
+    rec = _run(lambda gw: gw.set_key_state(_actor(), tenant, purpose, version, enabled=enabled))
+    out.print(f"{tenant}/{purpose} v{rec.version} is now [bold]{rec.state.value}[/]")
+
+
+@key_app.command("disable")
+def key_disable(tenant: str, purpose: str, version: int) -> None:
+    """Disable a key version: it refuses everything until enabled (running gateways within seconds)."""
+    _set_state(tenant, purpose, version, enabled=False)
+
+
+@key_app.command("enable")
+def key_enable(tenant: str, purpose: str, version: int) -> None:
+    """Enable a disabled key version again."""
+    _set_state(tenant, purpose, version, enabled=True)
+
+
+# ---------------------------------------------------------------------- tokens
+@token_app.command("add")
+def token_add(
+    name: Annotated[str, typer.Argument(help="Service identity name, e.g. juki-app.")],
+    tenant: Annotated[list[str], typer.Option("--tenant", "-t", help="Allowed tenant (repeat; * = any).")],
+    purpose: Annotated[list[str], typer.Option("--purpose", "-p", help="Allowed purpose (repeat; * = any).")],
+    operation: Annotated[list[str], typer.Option("--operation", "-o", help="encrypt, decrypt, rewrap (repeat; * = all).")],
+    record_type: Annotated[list[str] | None, typer.Option("--record-type", "-r", help="Allowed record type (repeat; * = any).")] = None,
+    cert: Annotated[Path | None, typer.Option(help="Authenticate by this TLS client certificate (PEM) instead of a token.")] = None,
+) -> None:
+    """Register a service identity; prints its bearer token once."""
+    der = None
+    if cert is not None:
+        with _errors():
+            from cryptography import x509
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
+    rec, token = _run(
+        lambda gw: gw.add_identity(
+            _actor(), name, tenants=tenant, purposes=purpose, record_types=record_type or [],
+            operations=operation, certificate_der=der,
+        )
+    )
+    if token is None:
+        out.print(f"[green]added[/] identity {rec.name} (client certificate)")
+        return
+    err.print(f"[green]added[/] identity {rec.name}; its token follows on stdout and is not shown again:")
+    # The token alone on stdout so it can be captured: TOKEN=$(keygate token add …)
+    sys.stdout.write(token + "\n")
+
+
+@token_app.command("revoke")
+def token_revoke(name: str) -> None:
+    """Revoke a service identity (running gateways refuse it within seconds)."""
+    _run(lambda gw: gw.revoke_identity(_actor(), name))
+    out.print(f"[yellow]revoked[/] identity {name}")
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """List service identities (never their tokens)."""
+    rows = _run(lambda gw: gw.registry.list_identities())
+    table = Table("identity", "tenants", "purposes", "record types", "operations", "auth", "revoked")
+    for r in rows:
+        table.add_row(
+            r.name, ",".join(sorted(r.tenants)), ",".join(sorted(r.purposes)), ",".join(sorted(r.record_types)) or "-",
+            ",".join(sorted(r.operations)), "cert" if r.token_hash.startswith("cert-") else "token",
+            r.revoked_at.isoformat(timespec="seconds") if r.revoked_at else "",
+        )
+    out.print(table)
+
+
+# ---------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option(help="Where the demo keeps its SoftHSM token, registry and exports.")] = Path(".keygate-demo"),
+    records: Annotated[int, typer.Option(min=1, max=1_000_000, help="Synthetic records per record type.")] = 1000,
+    workers: Annotated[int, typer.Option(min=1, max=8, help="Gateway worker processes.")] = 2,
+) -> None:
+    """The whole story on the embedded default (SQLite + SoftHSM), over real HTTP."""
+    from keygate.cli.demo import run_demo
+
+    with _errors():
+        run_demo(directory.resolve(), records=records, workers=workers, console=out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
