@@ -63,7 +63,9 @@ def hsm_config(settings: Settings) -> HsmConfig:
 
 
 def open_registry(settings: Settings, *, create: bool = False) -> tuple[Registry, AuditStore]:
-    if settings.registry_url.startswith("sqlite:///") or settings.audit_url.startswith("sqlite:///"):
+    if settings.registry_url.startswith("sqlite:///") or settings.audit_url.startswith(
+        "sqlite:///"
+    ):
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     registry = Registry(settings.registry_url)
     store = AuditStore(settings.audit_url)

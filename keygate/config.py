@@ -40,7 +40,7 @@ class Settings(BaseSettings):
 
     # HSM (PKCS#11)
     hsm_module: str = ""
-    hsm_token_label: str = "keygate"
+    hsm_token_label: str = "keygate"  # noqa: S105 - a label, not a secret
     hsm_pin: SecretStr | None = None
     hsm_pin_file: Path | None = None
     hsm_mechanism: Literal["auto", "aes-gcm", "aes-kwp", "aes-kw"] = "auto"

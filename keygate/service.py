@@ -80,11 +80,11 @@ def key_version_of(envelope: bytes) -> int:
 def _check_record_id(record_id: object) -> str:
     if (
         record_id.__class__ is not str
-        or not 1 <= len(record_id) <= MAX_RECORD_ID_LEN  # type: ignore[arg-type]
-        or "\x00" in record_id  # type: ignore[operator]
+        or not 1 <= len(record_id) <= MAX_RECORD_ID_LEN
+        or "\x00" in record_id
     ):
         raise InvalidRequest(f"record_id must be a string of 1..{MAX_RECORD_ID_LEN} characters")
-    return record_id  # type: ignore[return-value]
+    return record_id
 
 
 class Gateway:
@@ -115,23 +115,31 @@ class Gateway:
 
     # ------------------------------------------------------------------ audit helpers
     @contextmanager
-    def _audited(self, action: str, actor: str, request_id: str, **fields: Any) -> Iterator[dict[str, Any]]:
+    def _audited(
+        self, action: str, actor: str, request_id: str, **fields: Any
+    ) -> Iterator[dict[str, Any]]:
         """Run the body, then write one audit event with its outcome (fail closed)."""
         out: dict[str, Any] = {}
         try:
             yield out
         except GatewayError as exc:
-            outcome = "denied" if isinstance(exc, Forbidden) or exc.code == "UNAUTHENTICATED" else "error"
+            outcome = (
+                "denied" if isinstance(exc, Forbidden) or exc.code == "UNAUTHENTICATED" else "error"
+            )
             self._write(action, actor, request_id, outcome=outcome, code=exc.code, **fields, **out)
             raise
         except Exception:
-            self._write(action, actor, request_id, outcome="error", code="INTERNAL", **fields, **out)
+            self._write(
+                action, actor, request_id, outcome="error", code="INTERNAL", **fields, **out
+            )
             raise
         self._write(action, actor, request_id, outcome="ok", **fields, **out)
 
     def _write(self, action: str, actor: str, request_id: str, **fields: Any) -> None:
         detail = fields.pop("detail", {})
-        event = AuditEvent(action=action, actor=actor, request_id=request_id, detail=detail, **fields)
+        event = AuditEvent(
+            action=action, actor=actor, request_id=request_id, detail=detail, **fields
+        )
         self.audit.write(event)
 
     def audit_event(self, event: AuditEvent) -> None:
@@ -160,7 +168,9 @@ class Gateway:
         return self._principal(certificate_key(der))
 
     # ------------------------------------------------------------------ opaque values
-    def _check_scope(self, p: Principal, operation: str, tenant: object, purpose: object) -> tuple[str, str]:
+    def _check_scope(
+        self, p: Principal, operation: str, tenant: object, purpose: object
+    ) -> tuple[str, str]:
         validate_tenant(tenant)
         validate_purpose(purpose)
         p.require(operation, tenant, purpose)  # type: ignore[arg-type]
@@ -171,10 +181,17 @@ class Gateway:
             raise PayloadTooLarge(f"a batch holds at most {self.max_batch_items} items")
 
     def encrypt(
-        self, p: Principal, request_id: str, tenant: str, purpose: str,
-        context: Mapping[str, str], plaintext: bytes,
+        self,
+        p: Principal,
+        request_id: str,
+        tenant: str,
+        purpose: str,
+        context: Mapping[str, str],
+        plaintext: bytes,
     ) -> tuple[str, int]:
-        with self._audited("crypto.encrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose)) as a:
+        with self._audited(
+            "crypto.encrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose)
+        ) as a:
             tenant, purpose = self._check_scope(p, "encrypt", tenant, purpose)
             envelope = self.keys.encrypt(tenant, purpose, context, plaintext)
             version = key_version_of(envelope)
@@ -182,10 +199,17 @@ class Gateway:
         return to_text(envelope), version
 
     def decrypt(
-        self, p: Principal, request_id: str, tenant: str, purpose: str,
-        context: Mapping[str, str], ciphertext: str,
+        self,
+        p: Principal,
+        request_id: str,
+        tenant: str,
+        purpose: str,
+        context: Mapping[str, str],
+        ciphertext: str,
     ) -> bytes:
-        with self._audited("crypto.decrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose)) as a:
+        with self._audited(
+            "crypto.decrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose)
+        ) as a:
             tenant, purpose = self._check_scope(p, "decrypt", tenant, purpose)
             envelope = from_text(ciphertext)
             plaintext = self.keys.decrypt(tenant, purpose, context, envelope)
@@ -193,10 +217,21 @@ class Gateway:
         return plaintext
 
     def encrypt_batch(
-        self, p: Principal, request_id: str, tenant: str, purpose: str,
+        self,
+        p: Principal,
+        request_id: str,
+        tenant: str,
+        purpose: str,
         items: Sequence[tuple[Mapping[str, str], bytes]],
     ) -> BatchResult:
-        with self._audited("crypto.encrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose), items=len(items)) as a:
+        with self._audited(
+            "crypto.encrypt",
+            p.name,
+            request_id,
+            tenant=_t(tenant),
+            purpose=_t(purpose),
+            items=len(items),
+        ) as a:
             self._check_batch(items)
             tenant, purpose = self._check_scope(p, "encrypt", tenant, purpose)
             raw = self.keys.encrypt_many(tenant, purpose, items)
@@ -207,10 +242,21 @@ class Gateway:
         return result
 
     def decrypt_batch(
-        self, p: Principal, request_id: str, tenant: str, purpose: str,
+        self,
+        p: Principal,
+        request_id: str,
+        tenant: str,
+        purpose: str,
         items: Sequence[tuple[Mapping[str, str], str]],
     ) -> BatchResult:
-        with self._audited("crypto.decrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose), items=len(items)) as a:
+        with self._audited(
+            "crypto.decrypt",
+            p.name,
+            request_id,
+            tenant=_t(tenant),
+            purpose=_t(purpose),
+            items=len(items),
+        ) as a:
             self._check_batch(items)
             tenant, purpose = self._check_scope(p, "decrypt", tenant, purpose)
             decoded: list[Any] = []
@@ -229,7 +275,14 @@ class Gateway:
     def rewrap_batch(
         self, p: Principal, request_id: str, tenant: str, purpose: str, ciphertexts: Sequence[str]
     ) -> BatchResult:
-        with self._audited("crypto.rewrap", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose), items=len(ciphertexts)) as a:
+        with self._audited(
+            "crypto.rewrap",
+            p.name,
+            request_id,
+            tenant=_t(tenant),
+            purpose=_t(purpose),
+            items=len(ciphertexts),
+        ) as a:
             self._check_batch(ciphertexts)
             tenant, purpose = self._check_scope(p, "rewrap", tenant, purpose)
             out: list[Any] = []
@@ -256,13 +309,17 @@ class Gateway:
             raise NotFound(f"unknown record type {record_type}")
         return policy
 
-    def _record_scope(self, p: Principal, operation: str, tenant: object, record_type: str) -> tuple[str, RecordPolicy]:
+    def _record_scope(
+        self, p: Principal, operation: str, tenant: object, record_type: str
+    ) -> tuple[str, RecordPolicy]:
         validate_tenant(tenant)
         if not p.may(operation, tenant):  # type: ignore[arg-type]
             p.require(operation, tenant)  # type: ignore[arg-type]
         return tenant, self._policy(p, record_type)  # type: ignore[return-value]
 
-    def _encrypt_record(self, p: Principal, tenant: str, policy: RecordPolicy, record_id: object, record: object) -> dict[str, Any]:
+    def _encrypt_record(
+        self, p: Principal, tenant: str, policy: RecordPolicy, record_id: object, record: object
+    ) -> dict[str, Any]:
         record_id = _check_record_id(record_id)
         if not isinstance(record, Mapping):
             raise InvalidRequest("record must be a JSON object")
@@ -281,7 +338,9 @@ class Gateway:
             out[name] = to_text(self.keys.encrypt(tenant, purpose, context, plaintext))
         return out
 
-    def _decrypt_record(self, p: Principal, tenant: str, policy: RecordPolicy, record_id: object, record: object) -> tuple[dict[str, Any], int]:
+    def _decrypt_record(
+        self, p: Principal, tenant: str, policy: RecordPolicy, record_id: object, record: object
+    ) -> tuple[dict[str, Any], int]:
         record_id = _check_record_id(record_id)
         if not isinstance(record, Mapping):
             raise InvalidRequest("record must be a JSON object")
@@ -307,20 +366,57 @@ class Gateway:
                 raise DecryptionFailed() from None
         return out, withheld
 
-    def encrypt_record(self, p: Principal, request_id: str, record_type: str, tenant: str, record_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
-        with self._audited("record.encrypt", p.name, request_id, tenant=_t(tenant), record_type=_t(record_type)):
+    def encrypt_record(
+        self,
+        p: Principal,
+        request_id: str,
+        record_type: str,
+        tenant: str,
+        record_id: str,
+        record: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        with self._audited(
+            "record.encrypt", p.name, request_id, tenant=_t(tenant), record_type=_t(record_type)
+        ):
             tenant, policy = self._record_scope(p, "encrypt", tenant, record_type)
             return self._encrypt_record(p, tenant, policy, record_id, record)
 
-    def decrypt_record(self, p: Principal, request_id: str, record_type: str, tenant: str, record_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
-        with self._audited("record.decrypt", p.name, request_id, tenant=_t(tenant), record_type=_t(record_type)) as a:
+    def decrypt_record(
+        self,
+        p: Principal,
+        request_id: str,
+        record_type: str,
+        tenant: str,
+        record_id: str,
+        record: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        with self._audited(
+            "record.decrypt", p.name, request_id, tenant=_t(tenant), record_type=_t(record_type)
+        ) as a:
             tenant, policy = self._record_scope(p, "decrypt", tenant, record_type)
             out, withheld = self._decrypt_record(p, tenant, policy, record_id, record)
             a["detail"] = {"fields_withheld": withheld}
         return out
 
-    def _record_batch(self, action: str, operation: str, fn: Callable[..., Any], p: Principal, request_id: str, record_type: str, tenant: str, items: Sequence[tuple[object, object]]) -> BatchResult:
-        with self._audited(action, p.name, request_id, tenant=_t(tenant), record_type=_t(record_type), items=len(items)) as a:
+    def _record_batch(
+        self,
+        action: str,
+        operation: str,
+        fn: Callable[..., Any],
+        p: Principal,
+        request_id: str,
+        record_type: str,
+        tenant: str,
+        items: Sequence[tuple[object, object]],
+    ) -> BatchResult:
+        with self._audited(
+            action,
+            p.name,
+            request_id,
+            tenant=_t(tenant),
+            record_type=_t(record_type),
+            items=len(items),
+        ) as a:
             self._check_batch(items)
             tenant, policy = self._record_scope(p, operation, tenant, record_type)
             out: list[Any] = []
@@ -334,11 +430,43 @@ class Gateway:
             a["items_failed"] = failed
         return BatchResult(out, failed)
 
-    def encrypt_record_batch(self, p: Principal, request_id: str, record_type: str, tenant: str, items: Sequence[tuple[object, object]]) -> BatchResult:
-        return self._record_batch("record.encrypt", "encrypt", self._encrypt_record, p, request_id, record_type, tenant, items)
+    def encrypt_record_batch(
+        self,
+        p: Principal,
+        request_id: str,
+        record_type: str,
+        tenant: str,
+        items: Sequence[tuple[object, object]],
+    ) -> BatchResult:
+        return self._record_batch(
+            "record.encrypt",
+            "encrypt",
+            self._encrypt_record,
+            p,
+            request_id,
+            record_type,
+            tenant,
+            items,
+        )
 
-    def decrypt_record_batch(self, p: Principal, request_id: str, record_type: str, tenant: str, items: Sequence[tuple[object, object]]) -> BatchResult:
-        return self._record_batch("record.decrypt", "decrypt", self._decrypt_record, p, request_id, record_type, tenant, items)
+    def decrypt_record_batch(
+        self,
+        p: Principal,
+        request_id: str,
+        record_type: str,
+        tenant: str,
+        items: Sequence[tuple[object, object]],
+    ) -> BatchResult:
+        return self._record_batch(
+            "record.decrypt",
+            "decrypt",
+            self._decrypt_record,
+            p,
+            request_id,
+            record_type,
+            tenant,
+            items,
+        )
 
     # ------------------------------------------------------------------ administration
     def add_tenant(self, actor: str, tenant: str, *, name: str = "") -> Any:
@@ -363,8 +491,18 @@ class Gateway:
             label = f"kg/{digest}/v{version}/{suffix}"
         return label
 
-    def create_key(self, actor: str, tenant: str, purpose: str, *, dek_max_records: int | None = None, dek_max_age_s: float | None = None) -> Any:
-        with self._audited("key.created", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose), key_version=1):
+    def create_key(
+        self,
+        actor: str,
+        tenant: str,
+        purpose: str,
+        *,
+        dek_max_records: int | None = None,
+        dek_max_age_s: float | None = None,
+    ) -> Any:
+        with self._audited(
+            "key.created", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose), key_version=1
+        ):
             validate_tenant(tenant)
             validate_purpose(purpose)
             if self.registry.get_tenant(tenant) is None:
@@ -373,7 +511,9 @@ class Gateway:
             self.hsm.create_kek(label)
             try:
                 rec = self.registry.create_key(
-                    tenant, purpose, hsm_label=label,
+                    tenant,
+                    purpose,
+                    hsm_label=label,
                     dek_max_records=dek_max_records or self.default_dek_max_records,
                     dek_max_age_s=dek_max_age_s or self.default_dek_max_age_s,
                 )
@@ -384,7 +524,9 @@ class Gateway:
         return rec
 
     def rotate_key(self, actor: str, tenant: str, purpose: str) -> Any:
-        with self._audited("key.rotated", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose)) as a:
+        with self._audited(
+            "key.rotated", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose)
+        ) as a:
             validate_tenant(tenant)
             validate_purpose(purpose)
             versions = self.registry.list_versions(tenant, purpose)
@@ -401,9 +543,18 @@ class Gateway:
         self.keys.refresh(force=True)
         return rec
 
-    def set_key_state(self, actor: str, tenant: str, purpose: str, version: int, *, enabled: bool) -> Any:
+    def set_key_state(
+        self, actor: str, tenant: str, purpose: str, version: int, *, enabled: bool
+    ) -> Any:
         action = "key.enabled" if enabled else "key.disabled"
-        with self._audited(action, actor, _rid(), tenant=_t(tenant), purpose=_t(purpose), key_version=version if version >= 1 else None):
+        with self._audited(
+            action,
+            actor,
+            _rid(),
+            tenant=_t(tenant),
+            purpose=_t(purpose),
+            key_version=version if version >= 1 else None,
+        ):
             validate_tenant(tenant)
             validate_purpose(purpose)
             current = self.registry.get_version(tenant, purpose, version)
@@ -417,7 +568,17 @@ class Gateway:
         self.keys.refresh(force=True)
         return rec
 
-    def add_identity(self, actor: str, name: str, *, tenants: Sequence[str], purposes: Sequence[str], record_types: Sequence[str], operations: Sequence[str], certificate_der: bytes | None = None) -> tuple[Any, str | None]:
+    def add_identity(
+        self,
+        actor: str,
+        name: str,
+        *,
+        tenants: Sequence[str],
+        purposes: Sequence[str],
+        record_types: Sequence[str],
+        operations: Sequence[str],
+        certificate_der: bytes | None = None,
+    ) -> tuple[Any, str | None]:
         """Register a service identity.  Returns its bearer token (shown once), or None when it
         authenticates by TLS client certificate instead."""
         with self._audited("identity.added", actor, _rid(), detail={"identity": _t(name) or "?"}):
@@ -441,8 +602,12 @@ class Gateway:
                 token = new_token()
                 credential = hash_token(token)
             rec = self.registry.add_identity(
-                name, token_hash=credential, tenants=list(tenants), purposes=list(purposes),
-                record_types=list(record_types), operations=list(operations),
+                name,
+                token_hash=credential,
+                tenants=list(tenants),
+                purposes=list(purposes),
+                record_types=list(record_types),
+                operations=list(operations),
             )
         self.keys.refresh(force=True)
         return rec, token

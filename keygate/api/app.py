@@ -41,7 +41,7 @@ from keygate.api.schemas import (
 from keygate.audit.events import AuditEvent
 from keygate.config import Settings, load_settings
 from keygate.core.errors import GatewayError, InvalidRequest, Unauthenticated
-from keygate.policy.access import Principal, hash_token
+from keygate.policy.access import Principal
 from keygate.service import BatchResult, Gateway
 
 __all__ = ["create_app"]
@@ -56,7 +56,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
-    status: {"model": Problem, "description": ", ".join(c for c, s in STATUS_BY_CODE.items() if s == status)}
+    status: {
+        "model": Problem,
+        "description": ", ".join(c for c, s in STATUS_BY_CODE.items() if s == status),
+    }
     for status in sorted(set(STATUS_BY_CODE.values()))
 }
 _bearer = HTTPBearer(auto_error=False, description="a keygate service-identity token (kgt_…)")
@@ -81,7 +84,9 @@ def _json(body: Any, status: int = 200) -> Response:
     )
 
 
-def _batch_body(result: BatchResult, key: str, encode: Callable[[Any], Any] = lambda v: v) -> Response:
+def _batch_body(
+    result: BatchResult, key: str, encode: Callable[[Any], Any] = lambda v: v
+) -> Response:
     items = [
         {"error": error_object(item)} if isinstance(item, GatewayError) else {key: encode(item)}
         for item in result.items
@@ -131,7 +136,9 @@ class GatewayMiddleware:
         try:
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 await problem_response(
-                    "PAYLOAD_TOO_LARGE", f"the body is larger than {self.max_body} bytes", request_id
+                    "PAYLOAD_TOO_LARGE",
+                    f"the body is larger than {self.max_body} bytes",
+                    request_id,
                 )(scope, receive, send_with_id)
                 return
             received = 0
@@ -150,15 +157,19 @@ class GatewayMiddleware:
             except _BodyTooLarge:
                 scope["state"]["error_code"] = "PAYLOAD_TOO_LARGE"
                 await problem_response(
-                    "PAYLOAD_TOO_LARGE", f"the body is larger than {self.max_body} bytes", request_id
+                    "PAYLOAD_TOO_LARGE",
+                    f"the body is larger than {self.max_body} bytes",
+                    request_id,
                 )(scope, receive, send_with_id)
-            except Exception as exc:  # noqa: BLE001 - never a stack trace or a bare 500 to callers
+            except Exception as exc:
                 # Log where it happened, not the message (it could quote input).
                 frames = [
                     f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}"
                     for f in traceback.extract_tb(exc.__traceback__)
                 ]
-                log.error("http.internal_error", error=type(exc).__name__, frames=frames[-8:])
+                log.error(  # noqa: TRY400 - no traceback text: it could quote input
+                    "http.internal_error", error=type(exc).__name__, frames=frames[-8:]
+                )
                 scope["state"]["error_code"] = "INTERNAL"
                 if status_holder.get("started"):
                     raise
@@ -258,7 +269,9 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
         request.scope.setdefault("state", {})["error_code"] = exc.code
         obj = error_object(exc)
-        return problem_response(obj["code"], obj["detail"], request_id(request), retry_after=exc.retry_after)
+        return problem_response(
+            obj["code"], obj["detail"], request_id(request), retry_after=exc.retry_after
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -268,7 +281,9 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             where.append(f"{loc or 'body'}: {err.get('type', 'invalid')}")
         request.scope.setdefault("state", {})["error_code"] = "INVALID_REQUEST"
-        return problem_response("INVALID_REQUEST", "; ".join(where) or "malformed request", request_id(request))
+        return problem_response(
+            "INVALID_REQUEST", "; ".join(where) or "malformed request", request_id(request)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -299,18 +314,28 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
 
     # ------------------------------------------------------------------ opaque values
     @app.post("/v1/encrypt", response_model=EncryptResponse, tags=["opaque"])
-    def encrypt(body: EncryptRequest, request: Request, p: Principal = Depends(principal)) -> Response:
+    def encrypt(
+        body: EncryptRequest, request: Request, p: Principal = Depends(principal)
+    ) -> Response:
         plaintext = _b64decode(body.plaintext, "plaintext")
-        text, version = gw().encrypt(p, request_id(request), body.tenant, body.purpose, body.context, plaintext)
+        text, version = gw().encrypt(
+            p, request_id(request), body.tenant, body.purpose, body.context, plaintext
+        )
         return _json({"ciphertext": text, "key_version": version})
 
     @app.post("/v1/decrypt", response_model=DecryptResponse, tags=["opaque"])
-    def decrypt(body: DecryptRequest, request: Request, p: Principal = Depends(principal)) -> Response:
-        plaintext = gw().decrypt(p, request_id(request), body.tenant, body.purpose, body.context, body.ciphertext)
+    def decrypt(
+        body: DecryptRequest, request: Request, p: Principal = Depends(principal)
+    ) -> Response:
+        plaintext = gw().decrypt(
+            p, request_id(request), body.tenant, body.purpose, body.context, body.ciphertext
+        )
         return _json({"plaintext": _b64encode(plaintext)})
 
     @app.post("/v1/encrypt/batch", tags=["opaque"])
-    def encrypt_batch(body: EncryptBatchRequest, request: Request, p: Principal = Depends(principal)) -> Response:
+    def encrypt_batch(
+        body: EncryptBatchRequest, request: Request, p: Principal = Depends(principal)
+    ) -> Response:
         items: list[Any] = []
         bad: dict[int, GatewayError] = {}
         for i, item in enumerate(body.items):
@@ -322,36 +347,66 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
         return _batch_body(_merge(result, bad, len(body.items)), "ciphertext")
 
     @app.post("/v1/decrypt/batch", tags=["opaque"])
-    def decrypt_batch(body: DecryptBatchRequest, request: Request, p: Principal = Depends(principal)) -> Response:
+    def decrypt_batch(
+        body: DecryptBatchRequest, request: Request, p: Principal = Depends(principal)
+    ) -> Response:
         pairs = [(item.context, item.ciphertext) for item in body.items]
         result = gw().decrypt_batch(p, request_id(request), body.tenant, body.purpose, pairs)
         return _batch_body(result, "plaintext", _b64encode)
 
     @app.post("/v1/rewrap/batch", tags=["opaque"])
-    def rewrap_batch(body: RewrapBatchRequest, request: Request, p: Principal = Depends(principal)) -> Response:
-        result = gw().rewrap_batch(p, request_id(request), body.tenant, body.purpose, [i.ciphertext for i in body.items])
+    def rewrap_batch(
+        body: RewrapBatchRequest, request: Request, p: Principal = Depends(principal)
+    ) -> Response:
+        result = gw().rewrap_batch(
+            p, request_id(request), body.tenant, body.purpose, [i.ciphertext for i in body.items]
+        )
         return _batch_body(result, "ciphertext")
 
     # ------------------------------------------------------------------ records
     @app.post("/v1/records/{record_type}/encrypt", tags=["records"])
-    def record_encrypt(record_type: str, body: RecordRequest, request: Request, p: Principal = Depends(principal)) -> Response:
-        out = gw().encrypt_record(p, request_id(request), record_type, body.tenant, body.record_id, body.record)
+    def record_encrypt(
+        record_type: str, body: RecordRequest, request: Request, p: Principal = Depends(principal)
+    ) -> Response:
+        out = gw().encrypt_record(
+            p, request_id(request), record_type, body.tenant, body.record_id, body.record
+        )
         return _json({"record": out})
 
     @app.post("/v1/records/{record_type}/decrypt", tags=["records"])
-    def record_decrypt(record_type: str, body: RecordRequest, request: Request, p: Principal = Depends(principal)) -> Response:
-        out = gw().decrypt_record(p, request_id(request), record_type, body.tenant, body.record_id, body.record)
+    def record_decrypt(
+        record_type: str, body: RecordRequest, request: Request, p: Principal = Depends(principal)
+    ) -> Response:
+        out = gw().decrypt_record(
+            p, request_id(request), record_type, body.tenant, body.record_id, body.record
+        )
         return _json({"record": out})
 
     @app.post("/v1/records/{record_type}/encrypt/batch", tags=["records"])
-    def record_encrypt_batch(record_type: str, body: RecordBatchRequest, request: Request, p: Principal = Depends(principal)) -> Response:
+    def record_encrypt_batch(
+        record_type: str,
+        body: RecordBatchRequest,
+        request: Request,
+        p: Principal = Depends(principal),
+    ) -> Response:
         items = [(i.record_id, i.record) for i in body.items]
-        return _batch_body(gw().encrypt_record_batch(p, request_id(request), record_type, body.tenant, items), "record")
+        return _batch_body(
+            gw().encrypt_record_batch(p, request_id(request), record_type, body.tenant, items),
+            "record",
+        )
 
     @app.post("/v1/records/{record_type}/decrypt/batch", tags=["records"])
-    def record_decrypt_batch(record_type: str, body: RecordBatchRequest, request: Request, p: Principal = Depends(principal)) -> Response:
+    def record_decrypt_batch(
+        record_type: str,
+        body: RecordBatchRequest,
+        request: Request,
+        p: Principal = Depends(principal),
+    ) -> Response:
         items = [(i.record_id, i.record) for i in body.items]
-        return _batch_body(gw().decrypt_record_batch(p, request_id(request), record_type, body.tenant, items), "record")
+        return _batch_body(
+            gw().decrypt_record_batch(p, request_id(request), record_type, body.tenant, items),
+            "record",
+        )
 
     app.add_middleware(GatewayMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
     return app

@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -26,21 +27,33 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
         self.requests = Counter(
-            "keygate_http_requests", "HTTP requests by endpoint and outcome code",
-            ["endpoint", "code"], **kw,
+            "keygate_http_requests",
+            "HTTP requests by endpoint and outcome code",
+            ["endpoint", "code"],
+            **kw,
         )
         self.latency = Histogram(
-            "keygate_http_request_duration_seconds", "HTTP request latency by endpoint",
-            ["endpoint"], buckets=_BUCKETS, **kw,
+            "keygate_http_request_duration_seconds",
+            "HTTP request latency by endpoint",
+            ["endpoint"],
+            buckets=_BUCKETS,
+            **kw,
         )
-        self.records = Counter("keygate_records", "records processed by operation", ["operation"], **kw)
+        self.records = Counter(
+            "keygate_records", "records processed by operation", ["operation"], **kw
+        )
         self.hsm_calls = Counter("keygate_hsm_calls", "HSM operations by kind", ["operation"], **kw)
         self.hsm_latency = Histogram(
-            "keygate_hsm_call_duration_seconds", "HSM operation latency", ["operation"],
-            buckets=_BUCKETS, **kw,
+            "keygate_hsm_call_duration_seconds",
+            "HSM operation latency",
+            ["operation"],
+            buckets=_BUCKETS,
+            **kw,
         )
         self.cache_hits = Counter("keygate_dek_cache_hits", "decrypt/rewrap DEK cache hits", **kw)
-        self.cache_misses = Counter("keygate_dek_cache_misses", "decrypt/rewrap DEK cache misses", **kw)
+        self.cache_misses = Counter(
+            "keygate_dek_cache_misses", "decrypt/rewrap DEK cache misses", **kw
+        )
         self.deks_created = Counter("keygate_deks_created", "new DEKs made for encryption", **kw)
         self._last: dict[str, int] = {}
 
@@ -75,8 +88,6 @@ def render_metrics() -> tuple[bytes, str]:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
-
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 

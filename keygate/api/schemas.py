@@ -24,8 +24,12 @@ class EncryptRequest(BaseModel):
     model_config = _STRICT
     tenant: str = Field(examples=["131016"])
     purpose: str = Field(examples=["resident"])
-    context: dict[str, str] = Field(default_factory=dict, examples=[{"record_id": "R-000123", "field": "name"}])
-    plaintext: str = Field(description="standard base64 (RFC 4648 §4)", examples=["5bGx55Sw5aSq6YOO"])
+    context: dict[str, str] = Field(
+        default_factory=dict, examples=[{"record_id": "R-000123", "field": "name"}]
+    )
+    plaintext: str = Field(
+        description="standard base64 (RFC 4648 §4)", examples=["5bGx55Sw5aSq6YOO"]
+    )
 
 
 class EncryptResponse(BaseModel):

@@ -47,7 +47,16 @@ def _free_port() -> int:
 
 @contextmanager
 def _server(env: dict[str, str], port: int, workers: int, log_path: Path) -> Iterator[str]:
-    cmd = [sys.executable, "-m", "keygate.cli.main", "serve", "--port", str(port), "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "keygate.cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
         url = f"http://127.0.0.1:{port}"
@@ -55,7 +64,9 @@ def _server(env: dict[str, str], port: int, workers: int, log_path: Path) -> Ite
             deadline = time.monotonic() + 60
             while True:
                 if proc.poll() is not None:
-                    raise Unavailable(f"the gateway exited with code {proc.returncode}; see {log_path}")
+                    raise Unavailable(
+                        f"the gateway exited with code {proc.returncode}; see {log_path}"
+                    )
                 try:
                     if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                         break
@@ -86,7 +97,7 @@ def _batches(items: list[Any], size: int = BATCH) -> Iterator[list[Any]]:
         yield items[i : i + size]
 
 
-def run_demo(directory: Path, *, records: int, workers: int, console: Console) -> None:  # noqa: C901
+def run_demo(directory: Path, *, records: int, workers: int, console: Console) -> None:
     from keygate.hsm.softhsm import find_softhsm_module, init_softhsm_token
     from keygate.testing.synthetic import SyntheticRecords
 
@@ -100,7 +111,9 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
     pin_file = directory / "hsm-pin"
     pin_file.write_text(pin + "\n")
     pin_file.chmod(0o600)
-    token = init_softhsm_token(directory / "softhsm", label="keygate-demo", user_pin=pin, so_pin=secrets.token_hex(8))
+    token = init_softhsm_token(
+        directory / "softhsm", label="keygate-demo", user_pin=pin, so_pin=secrets.token_hex(8)
+    )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")},
         **token.env,
@@ -124,23 +137,43 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
             for purpose in ("resident", "tax", "mynumber"):
                 admin.create_key(actor, tenant, purpose)
         _, app_token = admin.add_identity(
-            actor, "juki-app", tenants=[TENANT], purposes=["*"], record_types=["*"], operations=["*"]
+            actor,
+            "juki-app",
+            tenants=[TENANT],
+            purposes=["*"],
+            record_types=["*"],
+            operations=["*"],
         )
         _, clerk_token = admin.add_identity(
-            actor, "madoguchi-viewer", tenants=[TENANT], purposes=["resident", "tax"],
-            record_types=["resident", "tax"], operations=["decrypt"],
+            actor,
+            "madoguchi-viewer",
+            tenants=[TENANT],
+            purposes=["resident", "tax"],
+            record_types=["resident", "tax"],
+            operations=["decrypt"],
         )
         _, osaka_token = admin.add_identity(
-            actor, "osaka-app", tenants=[OTHER_TENANT], purposes=["*"], record_types=["*"], operations=["*"]
+            actor,
+            "osaka-app",
+            tenants=[OTHER_TENANT],
+            purposes=["*"],
+            record_types=["*"],
+            operations=["*"],
         )
         console.print(
-            f"   tenants {TENANT} (千代田区) and {OTHER_TENANT} (大阪市); KEKs resident/tax/mynumber v1 in the HSM "
+            f"   tenants {TENANT} (千代田区) and {OTHER_TENANT} (大阪市); "
+            "KEKs resident/tax/mynumber v1 in the HSM "
             f"({admin.hsm.mechanism.name}); identities juki-app, madoguchi-viewer, osaka-app"
         )
         port = _free_port()
         with _server(env, port, workers, directory / "gateway.log") as url:
-            console.print(f"2. gateway up at {url} with {workers} worker processes (log: {directory / 'gateway.log'})")
-            app = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {app_token}"}, timeout=60)
+            console.print(
+                f"2. gateway up at {url} with {workers} worker processes "
+                f"(log: {directory / 'gateway.log'})"
+            )
+            app = httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {app_token}"}, timeout=60
+            )
             gen = SyntheticRecords(seed=2026)
             data = {"resident": list(gen.resident(records)), "tax": list(gen.tax(records))}
             encrypted: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -148,16 +181,24 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
             for rtype, rows in data.items():
                 enc: list[tuple[str, dict[str, Any]]] = []
                 for chunk in _batches(rows):
-                    body = {"tenant": TENANT, "items": [{"record_id": rid, "record": rec} for rid, rec in chunk]}
+                    body = {
+                        "tenant": TENANT,
+                        "items": [{"record_id": rid, "record": rec} for rid, rec in chunk],
+                    }
                     res = _post(app, f"/v1/records/{rtype}/encrypt/batch", body)
                     for (rid, _), item in zip(chunk, res["items"], strict=True):
                         if "error" in item:
-                            raise Unavailable(f"record {rid}: {item['error']['code']} {item['error']['detail']}")
+                            raise Unavailable(
+                                f"record {rid}: {item['error']['code']} {item['error']['detail']}"
+                            )
                         enc.append((rid, item["record"]))
                 encrypted[rtype] = enc
             dt = time.perf_counter() - t0
             n = sum(len(v) for v in data.values())
-            console.print(f"3. encrypted {n} synthetic records over HTTP in {dt:.2f} s ({n / dt:,.0f} records/s)")
+            console.print(
+                f"3. encrypted {n} synthetic records over HTTP in {dt:.2f} s "
+                f"({n / dt:,.0f} records/s)"
+            )
             sample_id, sample = data["resident"][0]
             table = Table("field", "plaintext (synthetic)", "stored by the application")
             for field, value in sample.items():
@@ -167,7 +208,11 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
 
             admin.rotate_key(actor, TENANT, "resident")
             t0 = time.perf_counter()
-            probe = {"tenant": TENANT, "purpose": "resident", "plaintext": base64.b64encode(b"probe").decode()}
+            probe = {
+                "tenant": TENANT,
+                "purpose": "resident",
+                "plaintext": base64.b64encode(b"probe").decode(),
+            }
             while _post(app, "/v1/encrypt", probe)["key_version"] != 2:
                 if time.perf_counter() - t0 > 30:
                     raise Unavailable("the gateway did not pick up the rotation")
@@ -184,39 +229,59 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
             for i, (_, rec) in enumerate(encrypted["resident"]):
                 for field, value in rec.items():
                     fp = policy.field_for(field)
-                    if fp.treatment.value == "encrypt" and (fp.purpose or policy.default_purpose) == "resident":
+                    if (
+                        fp.treatment.value == "encrypt"
+                        and (fp.purpose or policy.default_purpose) == "resident"
+                    ):
                         places.append((i, field))
                         texts.append(value)
             t0 = time.perf_counter()
             rewrapped: list[str] = []
             for chunk in _batches(texts, 5000):
-                res = _post(app, "/v1/rewrap/batch", {"tenant": TENANT, "purpose": "resident", "items": [{"ciphertext": c} for c in chunk]})
+                res = _post(
+                    app,
+                    "/v1/rewrap/batch",
+                    {
+                        "tenant": TENANT,
+                        "purpose": "resident",
+                        "items": [{"ciphertext": c} for c in chunk],
+                    },
+                )
                 rewrapped += [item["ciphertext"] for item in res["items"]]
             dt = time.perf_counter() - t0
             changed = sum(a != b for a, b in zip(texts, rewrapped, strict=True))
             body_same = sum(
-                base64.urlsafe_b64decode(a[4:] + "==")[-40:] == base64.urlsafe_b64decode(b[4:] + "==")[-40:]
+                base64.urlsafe_b64decode(a[4:] + "==")[-40:]
+                == base64.urlsafe_b64decode(b[4:] + "==")[-40:]
                 for a, b in zip(texts, rewrapped, strict=True)
             )
             for (i, field), new in zip(places, rewrapped, strict=True):
                 encrypted["resident"][i][1][field] = new
             console.print(
-                f"5. rewrapped {len(texts)} field ciphertexts to v2 in {dt:.2f} s: {changed} headers rewritten, "
+                f"5. rewrapped {len(texts)} field ciphertexts to v2 in {dt:.2f} s: "
+                f"{changed} headers rewritten, "
                 f"{body_same} with the data ciphertext untouched"
             )
             metrics = httpx.get(url + "/metrics").text
             hsm_calls = sum(
-                float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
                 if line.startswith("keygate_hsm_calls_total")
             )
-            console.print(f"   HSM operations so far (all workers): {hsm_calls:.0f} for {n} records — once per DEK, not per record")
+            console.print(
+                f"   HSM operations so far (all workers): {hsm_calls:.0f} for {n} records "
+                "— once per DEK, not per record"
+            )
 
             t0 = time.perf_counter()
             mismatches = 0
             for rtype, rows in encrypted.items():
                 originals = dict(data[rtype])
                 for chunk in _batches(rows):
-                    body = {"tenant": TENANT, "items": [{"record_id": rid, "record": rec} for rid, rec in chunk]}
+                    body = {
+                        "tenant": TENANT,
+                        "items": [{"record_id": rid, "record": rec} for rid, rec in chunk],
+                    }
                     res = _post(app, f"/v1/records/{rtype}/decrypt/batch", body)
                     for (rid, _), item in zip(chunk, res["items"], strict=True):
                         if "error" in item or item["record"] != originals[rid]:
@@ -224,19 +289,43 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
             dt = time.perf_counter() - t0
             if mismatches:
                 raise Unavailable(f"{mismatches} records did not decrypt to their original")
-            console.print(f"6. decrypted all {n} records in {dt:.2f} s: every one equals its original")
+            console.print(
+                f"6. decrypted all {n} records in {dt:.2f} s: every one equals its original"
+            )
 
-            clerk = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {clerk_token}"}, timeout=30)
-            res = clerk.post(f"/v1/records/resident/decrypt", json={"tenant": TENANT, "record_id": sample_id, "record": encrypted["resident"][0][1]})
+            clerk = httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {clerk_token}"}, timeout=30
+            )
+            res = clerk.post(
+                "/v1/records/resident/decrypt",
+                json={
+                    "tenant": TENANT,
+                    "record_id": sample_id,
+                    "record": encrypted["resident"][0][1],
+                },
+            )
             seen = res.json()["record"]
             console.print(
                 f"7. madoguchi-viewer (no 'mynumber' purpose) reads 氏名={seen.get('氏名')!r}; "
                 f"個人番号 stays {str(seen.get('個人番号'))[:16]}…"
             )
-            osaka = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {osaka_token}"}, timeout=30)
+            osaka = httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {osaka_token}"}, timeout=30
+            )
             ct = texts[0]
-            r1 = osaka.post("/v1/decrypt", json={"tenant": TENANT, "purpose": "resident", "context": {}, "ciphertext": ct})
-            r2 = osaka.post("/v1/decrypt", json={"tenant": OTHER_TENANT, "purpose": "resident", "context": {}, "ciphertext": ct})
+            r1 = osaka.post(
+                "/v1/decrypt",
+                json={"tenant": TENANT, "purpose": "resident", "context": {}, "ciphertext": ct},
+            )
+            r2 = osaka.post(
+                "/v1/decrypt",
+                json={
+                    "tenant": OTHER_TENANT,
+                    "purpose": "resident",
+                    "context": {},
+                    "ciphertext": ct,
+                },
+            )
             console.print(
                 f"   osaka-app asking for 千代田区's data: {r1.status_code} {r1.json()['code']}; "
                 f"passing it off as its own tenant: {r2.status_code} {r2.json()['code']}"
@@ -256,12 +345,18 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
             table.add_row(action, outcome, str(count))
         console.print(f"8. audit trail exported to {export}:")
         console.print(table)
-        dump = export.read_text(encoding="utf-8") + (directory / "gateway.log").read_text(encoding="utf-8", errors="replace")
-        leaked = [t for t in (app_token, clerk_token, osaka_token, pin) if t in dump]
+        dump = export.read_text(encoding="utf-8") + (directory / "gateway.log").read_text(
+            encoding="utf-8", errors="replace"
+        )
+        leaked = [t for t in (app_token, clerk_token, osaka_token, pin) if t and t in dump]
         leaked += [rid for rid, rec in data["resident"][:50] if str(rec.get("個人番号")) in dump]
         if leaked:
-            raise ConfigurationError("a secret or plaintext value appears in the audit export or the gateway log")
-        console.print("   checked: no token, PIN or My Number appears in the audit export or the gateway log")
+            raise ConfigurationError(
+                "a secret or plaintext value appears in the audit export or the gateway log"
+            )
+        console.print(
+            "   checked: no token, PIN or My Number appears in the audit export or the gateway log"
+        )
     finally:
         admin.close()
     console.rule(f"[green]demo finished in {time.perf_counter() - t_start:.1f} s[/]")
@@ -269,8 +364,17 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
 
 def _event_dict(event: Any) -> dict[str, Any]:
     return {
-        "ts": event.ts.isoformat(), "action": event.action, "outcome": event.outcome, "actor": event.actor,
-        "request_id": event.request_id, "tenant": event.tenant, "purpose": event.purpose,
-        "record_type": event.record_type, "key_version": event.key_version, "code": event.code,
-        "items": event.items, "items_failed": event.items_failed, "detail": dict(event.detail),
+        "ts": event.ts.isoformat(),
+        "action": event.action,
+        "outcome": event.outcome,
+        "actor": event.actor,
+        "request_id": event.request_id,
+        "tenant": event.tenant,
+        "purpose": event.purpose,
+        "record_type": event.record_type,
+        "key_version": event.key_version,
+        "code": event.code,
+        "items": event.items,
+        "items_failed": event.items_failed,
+        "detail": dict(event.detail),
     }

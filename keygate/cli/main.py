@@ -46,8 +46,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-tenant_app = typer.Typer(help="Tenants: local governments (全国地方公共団体コード) or central organisations.", no_args_is_help=True)
-key_app = typer.Typer(help="Keys (KEKs in the HSM) per tenant × purpose, and their versions.", no_args_is_help=True)
+tenant_app = typer.Typer(
+    help="Tenants: local governments (全国地方公共団体コード) or central organisations.",
+    no_args_is_help=True,
+)
+key_app = typer.Typer(
+    help="Keys (KEKs in the HSM) per tenant × purpose, and their versions.", no_args_is_help=True
+)
 token_app = typer.Typer(help="Service identities and their bearer tokens.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
@@ -114,20 +119,30 @@ def _run(fn: Callable[[Any], T]) -> T:
 
 @app.callback()
 def _root(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show stack traces on errors.")] = False,
-    actor: Annotated[str | None, typer.Option(help="Custodian name recorded in the audit trail (default: your OS user).")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show stack traces on errors.")
+    ] = False,
+    actor: Annotated[
+        str | None,
+        typer.Option(help="Custodian name recorded in the audit trail (default: your OS user)."),
+    ] = None,
 ) -> None:
     _state["verbose"] = verbose
     _state["actor"] = actor
     from keygate.logging import configure_logging
 
-    configure_logging(fmt=os.environ.get("KEYGATE_LOG_FORMAT", "console"), level="debug" if verbose else "warning")
+    configure_logging(
+        fmt=os.environ.get("KEYGATE_LOG_FORMAT", "console"), level="debug" if verbose else "warning"
+    )
 
 
 # ---------------------------------------------------------------------- init / serve
 @app.command()
 def init(
-    softhsm: Annotated[bool, typer.Option(help="Also create a SoftHSM token in the data directory (development only).")] = False,
+    softhsm: Annotated[
+        bool,
+        typer.Option(help="Also create a SoftHSM token in the data directory (development only)."),
+    ] = False,
 ) -> None:
     """Create the registry and audit tables and check that the HSM token logs in."""
     with _errors():
@@ -148,7 +163,10 @@ def init(
             mech = hsm.mechanism
         finally:
             hsm.close()
-    out.print(f"[green]ok[/] registry {settings.data_dir}; HSM token {settings.hsm_token_label!r} answers; wrap mechanism {mech.name}")
+    out.print(
+        f"[green]ok[/] registry {settings.data_dir}; HSM token {settings.hsm_token_label!r} "
+        f"answers; wrap mechanism {mech.name}"
+    )
 
 
 def _init_softhsm(settings: Any) -> None:
@@ -158,7 +176,10 @@ def _init_softhsm(settings: Any) -> None:
     if not pin:
         raise typer.BadParameter("set KEYGATE_HSM_PIN to the user PIN the new token should have")
     token = init_softhsm_token(
-        settings.data_dir / "softhsm", label=settings.hsm_token_label, user_pin=pin, so_pin=os.urandom(8).hex()
+        settings.data_dir / "softhsm",
+        label=settings.hsm_token_label,
+        user_pin=pin,
+        so_pin=os.urandom(8).hex(),
     )
     out.print(f"SoftHSM token {token.label!r} created; export SOFTHSM2_CONF={token.conf_path}")
     os.environ.update(token.env)
@@ -167,11 +188,15 @@ def _init_softhsm(settings: Any) -> None:
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8443; 0 = any free port).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default 8443; 0 = any free port).")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default 2).")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
-    tls_client_ca: Annotated[Path | None, typer.Option(help="CA for client certificates: turns on mTLS.")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="CA for client certificates: turns on mTLS.")
+    ] = None,
 ) -> None:
     """Run the HTTP gateway with several worker processes."""
     import ssl
@@ -182,8 +207,12 @@ def serve(
     from keygate.config import load_settings
 
     overrides = {
-        "KEYGATE_HOST": host, "KEYGATE_PORT": port, "KEYGATE_WORKERS": workers,
-        "KEYGATE_TLS_CERT": tls_cert, "KEYGATE_TLS_KEY": tls_key, "KEYGATE_TLS_CLIENT_CA": tls_client_ca,
+        "KEYGATE_HOST": host,
+        "KEYGATE_PORT": port,
+        "KEYGATE_WORKERS": workers,
+        "KEYGATE_TLS_CERT": tls_cert,
+        "KEYGATE_TLS_KEY": tls_key,
+        "KEYGATE_TLS_CLIENT_CA": tls_client_ca,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -222,7 +251,9 @@ def serve(
 # ---------------------------------------------------------------------- tenants
 @tenant_app.command("add")
 def tenant_add(
-    tenant: Annotated[str, typer.Argument(help="6-digit local government code (e.g. 131016) or a slug.")],
+    tenant: Annotated[
+        str, typer.Argument(help="6-digit local government code (e.g. 131016) or a slug.")
+    ],
     name: Annotated[str, typer.Option(help="Display name, e.g. 千代田区.")] = "",
 ) -> None:
     """Register a tenant."""
@@ -236,7 +267,13 @@ def tenant_list() -> None:
     rows = _run(lambda gw: gw.registry.list_tenants())
     table = Table("tenant", "kind", "name", "enabled", "created")
     for r in rows:
-        table.add_row(r.id, r.kind, r.name, "yes" if r.enabled else "[red]no[/]", r.created_at.isoformat(timespec="seconds"))
+        table.add_row(
+            r.id,
+            r.kind,
+            r.name,
+            "yes" if r.enabled else "[red]no[/]",
+            r.created_at.isoformat(timespec="seconds"),
+        )
     out.print(table)
 
 
@@ -259,19 +296,33 @@ def tenant_enable(tenant: str) -> None:
 def key_create(
     tenant: str,
     purpose: Annotated[str, typer.Argument(help="Data class, e.g. resident, tax, mynumber.")],
-    dek_max_records: Annotated[int | None, typer.Option(help="Records per DEK before a new one is made.")] = None,
-    dek_max_age: Annotated[float | None, typer.Option(help="Seconds a DEK is used and cached.")] = None,
+    dek_max_records: Annotated[
+        int | None, typer.Option(help="Records per DEK before a new one is made.")
+    ] = None,
+    dek_max_age: Annotated[
+        float | None, typer.Option(help="Seconds a DEK is used and cached.")
+    ] = None,
 ) -> None:
     """Create the KEK (version 1) of tenant × purpose in the HSM."""
-    rec = _run(lambda gw: gw.create_key(_actor(), tenant, purpose, dek_max_records=dek_max_records, dek_max_age_s=dek_max_age))
-    out.print(f"[green]created[/] {tenant}/{purpose} v{rec.version} ({rec.state.value}) in the HSM as {rec.hsm_label}")
+    rec = _run(
+        lambda gw: gw.create_key(
+            _actor(), tenant, purpose, dek_max_records=dek_max_records, dek_max_age_s=dek_max_age
+        )
+    )
+    out.print(
+        f"[green]created[/] {tenant}/{purpose} v{rec.version} ({rec.state.value}) "
+        f"in the HSM as {rec.hsm_label}"
+    )
 
 
 @key_app.command("rotate")
 def key_rotate(tenant: str, purpose: str) -> None:
     """Make a new active KEK version; the previous one becomes decrypt-only."""
     rec = _run(lambda gw: gw.rotate_key(_actor(), tenant, purpose))
-    out.print(f"[green]rotated[/] {tenant}/{purpose}: v{rec.version} is active; older versions are decrypt-only until rewrapped")
+    out.print(
+        f"[green]rotated[/] {tenant}/{purpose}: v{rec.version} is active; "
+        "older versions are decrypt-only until rewrapped"
+    )
 
 
 @key_app.command("list")
@@ -279,7 +330,10 @@ def key_list(tenant: Annotated[str | None, typer.Argument()] = None) -> None:
     """List keys and their versions."""
 
     def collect(gw: Any) -> list[tuple[Any, list[Any]]]:
-        return [(k, gw.registry.list_versions(k.tenant, k.purpose)) for k in gw.registry.list_keys(tenant)]
+        return [
+            (k, gw.registry.list_versions(k.tenant, k.purpose))
+            for k in gw.registry.list_keys(tenant)
+        ]
 
     rows = _run(collect)
     table = Table("tenant", "purpose", "version", "state", "HSM label", "DEK limits", "updated")
@@ -287,8 +341,13 @@ def key_list(tenant: Annotated[str | None, typer.Argument()] = None) -> None:
     for k, versions in rows:
         for v in versions:
             table.add_row(
-                k.tenant, k.purpose, str(v.version), f"[{colours.get(v.state.value, 'white')}]{v.state.value}[/]",
-                v.hsm_label, f"{k.dek_max_records} rec / {k.dek_max_age_s:g} s", v.updated_at.isoformat(timespec="seconds"),
+                k.tenant,
+                k.purpose,
+                str(v.version),
+                f"[{colours.get(v.state.value, 'white')}]{v.state.value}[/]",
+                v.hsm_label,
+                f"{k.dek_max_records} rec / {k.dek_max_age_s:g} s",
+                v.updated_at.isoformat(timespec="seconds"),
             )
     out.print(table)
 
@@ -300,7 +359,7 @@ def _set_state(tenant: str, purpose: str, version: int, *, enabled: bool) -> Non
 
 @key_app.command("disable")
 def key_disable(tenant: str, purpose: str, version: int) -> None:
-    """Disable a key version: it refuses everything until enabled (running gateways within seconds)."""
+    """Disable a key version: it refuses everything until enabled (gateways within seconds)."""
     _set_state(tenant, purpose, version, enabled=False)
 
 
@@ -314,11 +373,24 @@ def key_enable(tenant: str, purpose: str, version: int) -> None:
 @token_app.command("add")
 def token_add(
     name: Annotated[str, typer.Argument(help="Service identity name, e.g. juki-app.")],
-    tenant: Annotated[list[str], typer.Option("--tenant", "-t", help="Allowed tenant (repeat; * = any).")],
-    purpose: Annotated[list[str], typer.Option("--purpose", "-p", help="Allowed purpose (repeat; * = any).")],
-    operation: Annotated[list[str], typer.Option("--operation", "-o", help="encrypt, decrypt, rewrap (repeat; * = all).")],
-    record_type: Annotated[list[str] | None, typer.Option("--record-type", "-r", help="Allowed record type (repeat; * = any).")] = None,
-    cert: Annotated[Path | None, typer.Option(help="Authenticate by this TLS client certificate (PEM) instead of a token.")] = None,
+    tenant: Annotated[
+        list[str], typer.Option("--tenant", "-t", help="Allowed tenant (repeat; * = any).")
+    ],
+    purpose: Annotated[
+        list[str], typer.Option("--purpose", "-p", help="Allowed purpose (repeat; * = any).")
+    ],
+    operation: Annotated[
+        list[str],
+        typer.Option("--operation", "-o", help="encrypt, decrypt, rewrap (repeat; * = all)."),
+    ],
+    record_type: Annotated[
+        list[str] | None,
+        typer.Option("--record-type", "-r", help="Allowed record type (repeat; * = any)."),
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option(help="Authenticate by this TLS client certificate (PEM) instead of a token."),
+    ] = None,
 ) -> None:
     """Register a service identity; prints its bearer token once."""
     der = None
@@ -330,14 +402,21 @@ def token_add(
             der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
     rec, token = _run(
         lambda gw: gw.add_identity(
-            _actor(), name, tenants=tenant, purposes=purpose, record_types=record_type or [],
-            operations=operation, certificate_der=der,
+            _actor(),
+            name,
+            tenants=tenant,
+            purposes=purpose,
+            record_types=record_type or [],
+            operations=operation,
+            certificate_der=der,
         )
     )
     if token is None:
         out.print(f"[green]added[/] identity {rec.name} (client certificate)")
         return
-    err.print(f"[green]added[/] identity {rec.name}; its token follows on stdout and is not shown again:")
+    err.print(
+        f"[green]added[/] identity {rec.name}; its token follows on stdout and is not shown again:"
+    )
     # The token alone on stdout so it can be captured: TOKEN=$(keygate token add …)
     sys.stdout.write(token + "\n")
 
@@ -353,11 +432,17 @@ def token_revoke(name: str) -> None:
 def token_list() -> None:
     """List service identities (never their tokens)."""
     rows = _run(lambda gw: gw.registry.list_identities())
-    table = Table("identity", "tenants", "purposes", "record types", "operations", "auth", "revoked")
+    table = Table(
+        "identity", "tenants", "purposes", "record types", "operations", "auth", "revoked"
+    )
     for r in rows:
         table.add_row(
-            r.name, ",".join(sorted(r.tenants)), ",".join(sorted(r.purposes)), ",".join(sorted(r.record_types)) or "-",
-            ",".join(sorted(r.operations)), "cert" if r.token_hash.startswith("cert-") else "token",
+            r.name,
+            ",".join(sorted(r.tenants)),
+            ",".join(sorted(r.purposes)),
+            ",".join(sorted(r.record_types)) or "-",
+            ",".join(sorted(r.operations)),
+            "cert" if r.token_hash.startswith("cert-") else "token",
             r.revoked_at.isoformat(timespec="seconds") if r.revoked_at else "",
         )
     out.print(table)
@@ -366,8 +451,12 @@ def token_list() -> None:
 # ---------------------------------------------------------------------- demo
 @app.command()
 def demo(
-    directory: Annotated[Path, typer.Option(help="Where the demo keeps its SoftHSM token, registry and exports.")] = Path(".keygate-demo"),
-    records: Annotated[int, typer.Option(min=1, max=1_000_000, help="Synthetic records per record type.")] = 1000,
+    directory: Annotated[
+        Path, typer.Option(help="Where the demo keeps its SoftHSM token, registry and exports.")
+    ] = Path(".keygate-demo"),
+    records: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Synthetic records per record type.")
+    ] = 1000,
     workers: Annotated[int, typer.Option(min=1, max=8, help="Gateway worker processes.")] = 2,
 ) -> None:
     """The whole story on the embedded default (SQLite + SoftHSM), over real HTTP."""

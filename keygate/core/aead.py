@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 __all__ = [
+    "AESGCM",
     "COMMITMENT_LEN",
     "DEK_LEN",
     "NONCE_LEN",
     "TAG_LEN",
-    "AESGCM",
     "InvalidTag",
     "commitment_matches",
     "derive_data_key",

@@ -37,13 +37,13 @@ _KNOWN_KEYS_MAX: Final = 4096
 
 def validate_context_key(key: object) -> str:
     """Return ``key`` if it is a valid context key, else raise InvalidRequest."""
-    if key.__class__ is not str or not _KEY_RE.fullmatch(key):  # type: ignore[arg-type]
+    if key.__class__ is not str or not _KEY_RE.fullmatch(key):
         raise InvalidRequest(
             "context keys must match [A-Za-z0-9_.-]{1,%d}" % MAX_CONTEXT_KEY_LEN  # noqa: UP031
         )
     if len(_KNOWN_KEYS) < _KNOWN_KEYS_MAX:
-        _KNOWN_KEYS.add(key)  # type: ignore[arg-type]
-    return key  # type: ignore[return-value]
+        _KNOWN_KEYS.add(key)
+    return key
 
 
 def aad_prefix(suite: AlgorithmSuite, tenant: str, purpose: str) -> str:

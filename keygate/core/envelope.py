@@ -33,7 +33,16 @@ def inner_wrap_aad(key_ref: KeyRef) -> bytes:
 class DataKey:
     """An unwrapped DEK bound to one key header.  Holds secret material: never logged or pickled."""
 
-    __slots__ = ("_dek", "chain", "cipher", "commitment", "header", "header_len", "key_ref", "suite")
+    __slots__ = (
+        "_dek",
+        "chain",
+        "cipher",
+        "commitment",
+        "header",
+        "header_len",
+        "key_ref",
+        "suite",
+    )
 
     def __init__(
         self,

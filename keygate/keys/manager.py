@@ -12,6 +12,7 @@ rotation, a disabled key or a disabled tenant takes effect in running gateways w
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any, Final
 
 import structlog
 
+from keygate.core.aead import InvalidTag
 from keygate.core.context import aad_prefix, encode_context
 from keygate.core.envelope import REWRAP_CAPABILITY, DataKey, inner_wrap_aad
 from keygate.core.errors import (
@@ -34,7 +36,6 @@ from keygate.core.errors import (
 )
 from keygate.core.model import AlgorithmSuite, KeyRef, KeyState
 from keygate.core.ports import KeyWrapper, RandomSource
-from keygate.core.aead import InvalidTag
 from keygate.core.wire import (
     MAX_ENVELOPE_LEN,
     MIN_ENVELOPE_LEN,
@@ -194,8 +195,8 @@ class KeyManager:
         return rec is not None and rec.dek_max_records >= a.max_records
 
     @staticmethod
-    def _version(snap: object, ref: KeyRef) -> object | None:
-        for rec in snap.versions.get((ref.tenant, ref.purpose), ()):  # type: ignore[attr-defined]
+    def _version(snap: Any, ref: KeyRef) -> Any:
+        for rec in snap.versions.get((ref.tenant, ref.purpose), ()):
             if rec.version == ref.version:
                 return rec
         return None
@@ -217,10 +218,8 @@ class KeyManager:
                     self.last_refresh_error = type(exc).__name__
                     log.warning("registry.refresh_failed", error=type(exc).__name__)
                 for hook in self.on_refresh:
-                    try:
+                    with contextlib.suppress(Exception):  # a metrics hook must not kill refresh
                         hook(self)
-                    except Exception:  # noqa: BLE001, S110 - a metrics hook must not kill refresh
-                        pass
 
         self._thread = threading.Thread(target=run, name="keygate-refresher", daemon=True)
         self._thread.start()
@@ -245,6 +244,7 @@ class KeyManager:
         a = self._active.get((tenant, purpose))
         if a is None or next(a.counter) >= a.max_records or a.expires < self._clock():
             a = self._new_active(tenant, purpose, a)
+        self.stats.records_encrypted += 1
         nonce = self._rng.nonce()
         aad = encode_context(a.prefix, context) if context else a.aad0
         return a.header + nonce + a.cipher.encrypt(nonce, plaintext, aad)
@@ -301,9 +301,13 @@ class KeyManager:
     def _new_active(self, tenant: str, purpose: str, seen: _Active | None) -> _Active:
         with self._lock:
             cur = self._active.get((tenant, purpose))
-            if cur is not None and cur is not seen and cur.expires >= self._clock():
-                if next(cur.counter) < cur.max_records:
-                    return cur
+            if (
+                cur is not None
+                and cur is not seen
+                and cur.expires >= self._clock()
+                and next(cur.counter) < cur.max_records
+            ):
+                return cur
             rec = self._active_record(tenant, purpose)
             limits = self._snap.keys[(tenant, purpose)]
             ref = KeyRef(tenant, purpose, rec.version)  # type: ignore[attr-defined]
@@ -315,10 +319,14 @@ class KeyManager:
             )
             self.stats.hsm_wraps += 1
             self.stats.deks_created += 1
-            key = DataKey(dek, suite=SUITE, key_ref=ref, chain=(WrapLayer(mechanism),), wrapped_dek=wrapped)
+            key = DataKey(
+                dek, suite=SUITE, key_ref=ref, chain=(WrapLayer(mechanism),), wrapped_dek=wrapped
+            )
             now = self._clock()
             prefix = aad_prefix(SUITE, tenant, purpose)
-            active = _Active(key, prefix, int(limits.dek_max_records), now + float(limits.dek_max_age_s))
+            active = _Active(
+                key, prefix, int(limits.dek_max_records), now + float(limits.dek_max_age_s)
+            )
             next(active.counter)
             self._active[(tenant, purpose)] = active
             self._remember(key, limits, now)
@@ -336,10 +344,8 @@ class KeyManager:
         )
         cache = self._opened
         if len(cache) >= self._max_cached:
-            try:
-                cache.pop(next(iter(cache)))
-            except (StopIteration, KeyError, RuntimeError):
-                pass
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                cache.pop(next(iter(cache)))  # the oldest entry (dicts keep insertion order)
         cache[key.header] = opened
         return opened
 
@@ -364,6 +370,7 @@ class KeyManager:
         ):
             o = self._open_slow(tenant, purpose, envelope)
             h = o.h
+        self.stats.records_decrypted += 1
         try:
             return o.cipher.decrypt(
                 envelope[h : h + 12],
@@ -434,7 +441,7 @@ class KeyManager:
         rec = self._version(snap, ref)
         if rec is None:
             raise DecryptionFailed()
-        state: KeyState = rec.state  # type: ignore[attr-defined]
+        state: KeyState = rec.state
         if state is KeyState.DESTROYED:
             raise KeyDestroyed(f"key version {ref} has been destroyed")
         if not state.can_decrypt:
@@ -442,7 +449,7 @@ class KeyManager:
         if len(header.chain) != 1:
             raise ProviderRejected("this gateway has no adapter for the envelope's outer wrap")
         dek = self._hsm.unwrap_dek(
-            rec.hsm_label,  # type: ignore[attr-defined]
+            rec.hsm_label,
             header.chain[0].mechanism,
             header.wrapped_dek,
             aad=inner_wrap_aad(ref),

@@ -14,8 +14,8 @@ from keygate.core.errors import Forbidden, InvalidRequest
 
 __all__ = [
     "OPERATIONS",
-    "certificate_key",
     "Principal",
+    "certificate_key",
     "hash_token",
     "new_token",
     "validate_identity_name",
@@ -25,7 +25,7 @@ __all__ = [
 #: operations an identity can be granted
 OPERATIONS: Final = frozenset({"encrypt", "decrypt", "rewrap"})
 ANY: Final = "*"
-TOKEN_PREFIX: Final = "kgt_"
+TOKEN_PREFIX: Final = "kgt_"  # noqa: S105 - a prefix, not a secret
 _PURPOSE_RE: Final = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
@@ -50,15 +50,15 @@ def tokens_equal(a: str, b: str) -> bool:
 
 
 def validate_purpose(purpose: object) -> str:
-    if purpose.__class__ is not str or not _PURPOSE_RE.fullmatch(purpose):  # type: ignore[arg-type]
+    if purpose.__class__ is not str or not _PURPOSE_RE.fullmatch(purpose):
         raise InvalidRequest("purpose must match [a-z][a-z0-9_-]{0,63}")
-    return purpose  # type: ignore[return-value]
+    return purpose
 
 
 def validate_identity_name(name: object) -> str:
-    if name.__class__ is not str or not _NAME_RE.fullmatch(name):  # type: ignore[arg-type]
+    if name.__class__ is not str or not _NAME_RE.fullmatch(name):
         raise InvalidRequest("identity names must match [A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-    return name  # type: ignore[return-value]
+    return name
 
 
 def _allowed(granted: frozenset[str], value: str) -> bool:
