@@ -467,7 +467,10 @@ def demo(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - one clear line, never a stack trace unless --verbose
+        raise SystemExit(_fail(exc).exit_code) from None
 
 
 if __name__ == "__main__":
