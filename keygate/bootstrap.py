@@ -41,7 +41,7 @@ def _pin(settings: Settings) -> str:
             raise ConfigurationError(
                 f"cannot read the HSM PIN file {settings.hsm_pin_file}: {exc.strerror}"
             ) from None
-        pin = text[:-1] if text.endswith("\n") else text
+        pin = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
         if pin:
             return pin
         raise ConfigurationError(f"the HSM PIN file {settings.hsm_pin_file} is empty")
