@@ -1,0 +1,1 @@
+"""Test helpers shipped with keygate: throwaway servers and fakes for the suites."""
