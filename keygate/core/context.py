@@ -69,7 +69,7 @@ def encode_context(prefix: str, context: Mapping[str, str]) -> bytes:
         raise InvalidRequest("context keys must be strings") from None
     for key in keys:
         value = context[key]
-        if key not in known:
+        if key.__class__ is not str or key not in known:
             validate_context_key(key)
         if value.__class__ is not str:
             raise InvalidRequest(f"context value for {key!r} must be a string")

@@ -68,10 +68,23 @@ class KeyStats:
 class _Active:
     """The DEK that encrypts for one tenant × purpose, with its limits."""
 
-    __slots__ = ("aad0", "cipher", "counter", "expires", "header", "key", "max_records", "prefix")
+    __slots__ = (
+        "aad0",
+        "cipher",
+        "counter",
+        "created",
+        "expires",
+        "header",
+        "key",
+        "max_records",
+        "prefix",
+    )
 
-    def __init__(self, key: DataKey, prefix: str, max_records: int, expires: float) -> None:
+    def __init__(
+        self, key: DataKey, prefix: str, max_records: int, created: float, expires: float
+    ) -> None:
         self.key = key
+        self.created = created
         self.cipher = key.cipher
         self.header = key.header
         self.prefix = prefix
@@ -192,7 +205,11 @@ class KeyManager:
     @staticmethod
     def _limits_unchanged(snap: object, k: tuple[str, str], a: _Active) -> bool:
         rec = snap.keys.get(k)  # type: ignore[attr-defined]
-        return rec is not None and rec.dek_max_records >= a.max_records
+        return (
+            rec is not None
+            and rec.dek_max_records >= a.max_records
+            and a.created + rec.dek_max_age_s >= a.expires
+        )
 
     @staticmethod
     def _version(snap: Any, ref: KeyRef) -> Any:
@@ -325,7 +342,7 @@ class KeyManager:
             now = self._clock()
             prefix = aad_prefix(SUITE, tenant, purpose)
             active = _Active(
-                key, prefix, int(limits.dek_max_records), now + float(limits.dek_max_age_s)
+                key, prefix, int(limits.dek_max_records), now, now + float(limits.dek_max_age_s)
             )
             next(active.counter)
             self._active[(tenant, purpose)] = active
@@ -360,6 +377,8 @@ class KeyManager:
         if n < MIN_ENVELOPE_LEN or n > MAX_ENVELOPE_LEN:
             raise DecryptionFailed("bad envelope length")
         h = envelope[2] << 8 | envelope[3]
+        if h + 28 > n:  # nonce (12) and tag (16) must fit after the header
+            raise DecryptionFailed("bad header length")
         o = self._opened.get(envelope[:h])
         if (
             o is None
@@ -396,6 +415,8 @@ class KeyManager:
                 if n < MIN_ENVELOPE_LEN or n > MAX_ENVELOPE_LEN:
                     raise DecryptionFailed("bad envelope length")
                 h = envelope[2] << 8 | envelope[3]
+                if h + 28 > n:  # nonce (12) and tag (16) must fit after the header
+                    raise DecryptionFailed("bad header length")
                 o = opened.get(envelope[:h])
                 if (
                     o is None

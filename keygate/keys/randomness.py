@@ -35,6 +35,7 @@ class SystemRandom:
             obj = ref()
             if obj is not None:
                 obj._it = iter(())
+                obj._lock = threading.Lock()  # another thread may have held it at fork time
 
         os.register_at_fork(after_in_child=_after_fork)
 
