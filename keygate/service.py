@@ -190,7 +190,7 @@ class Gateway:
         plaintext: bytes,
     ) -> tuple[str, int]:
         with self._audited(
-            "crypto.encrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose)
+            "crypto.encrypt", p.name, request_id, tenant=_tenant(tenant), purpose=_purpose(purpose)
         ) as a:
             tenant, purpose = self._check_scope(p, "encrypt", tenant, purpose)
             envelope = self.keys.encrypt(tenant, purpose, context, plaintext)
@@ -208,7 +208,7 @@ class Gateway:
         ciphertext: str,
     ) -> bytes:
         with self._audited(
-            "crypto.decrypt", p.name, request_id, tenant=_t(tenant), purpose=_t(purpose)
+            "crypto.decrypt", p.name, request_id, tenant=_tenant(tenant), purpose=_purpose(purpose)
         ) as a:
             tenant, purpose = self._check_scope(p, "decrypt", tenant, purpose)
             envelope = from_text(ciphertext)
@@ -228,8 +228,8 @@ class Gateway:
             "crypto.encrypt",
             p.name,
             request_id,
-            tenant=_t(tenant),
-            purpose=_t(purpose),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
             items=len(items),
         ) as a:
             self._check_batch(items)
@@ -253,8 +253,8 @@ class Gateway:
             "crypto.decrypt",
             p.name,
             request_id,
-            tenant=_t(tenant),
-            purpose=_t(purpose),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
             items=len(items),
         ) as a:
             self._check_batch(items)
@@ -279,8 +279,8 @@ class Gateway:
             "crypto.rewrap",
             p.name,
             request_id,
-            tenant=_t(tenant),
-            purpose=_t(purpose),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
             items=len(ciphertexts),
         ) as a:
             self._check_batch(ciphertexts)
@@ -376,7 +376,11 @@ class Gateway:
         record: Mapping[str, Any],
     ) -> dict[str, Any]:
         with self._audited(
-            "record.encrypt", p.name, request_id, tenant=_t(tenant), record_type=_t(record_type)
+            "record.encrypt",
+            p.name,
+            request_id,
+            tenant=_tenant(tenant),
+            record_type=_t(record_type),
         ):
             tenant, policy = self._record_scope(p, "encrypt", tenant, record_type)
             return self._encrypt_record(p, tenant, policy, record_id, record)
@@ -391,7 +395,11 @@ class Gateway:
         record: Mapping[str, Any],
     ) -> dict[str, Any]:
         with self._audited(
-            "record.decrypt", p.name, request_id, tenant=_t(tenant), record_type=_t(record_type)
+            "record.decrypt",
+            p.name,
+            request_id,
+            tenant=_tenant(tenant),
+            record_type=_t(record_type),
         ) as a:
             tenant, policy = self._record_scope(p, "decrypt", tenant, record_type)
             out, withheld = self._decrypt_record(p, tenant, policy, record_id, record)
@@ -413,7 +421,7 @@ class Gateway:
             action,
             p.name,
             request_id,
-            tenant=_t(tenant),
+            tenant=_tenant(tenant),
             record_type=_t(record_type),
             items=len(items),
         ) as a:
@@ -470,13 +478,13 @@ class Gateway:
 
     # ------------------------------------------------------------------ administration
     def add_tenant(self, actor: str, tenant: str, *, name: str = "") -> Any:
-        with self._audited("tenant.added", actor, _rid(), tenant=_t(tenant)):
+        with self._audited("tenant.added", actor, _rid(), tenant=_tenant(tenant)):
             kind = validate_tenant(tenant)
             return self.registry.add_tenant(tenant, kind=str(kind), name=name or tenant)
 
     def set_tenant_enabled(self, actor: str, tenant: str, enabled: bool) -> Any:
         action = "tenant.enabled" if enabled else "tenant.disabled"
-        with self._audited(action, actor, _rid(), tenant=_t(tenant)):
+        with self._audited(action, actor, _rid(), tenant=_tenant(tenant)):
             validate_tenant(tenant)
             rec = self.registry.set_tenant_enabled(tenant, enabled)
         self.keys.refresh(force=True)
@@ -501,7 +509,12 @@ class Gateway:
         dek_max_age_s: float | None = None,
     ) -> Any:
         with self._audited(
-            "key.created", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose), key_version=1
+            "key.created",
+            actor,
+            _rid(),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
+            key_version=1,
         ):
             validate_tenant(tenant)
             validate_purpose(purpose)
@@ -525,7 +538,7 @@ class Gateway:
 
     def rotate_key(self, actor: str, tenant: str, purpose: str) -> Any:
         with self._audited(
-            "key.rotated", actor, _rid(), tenant=_t(tenant), purpose=_t(purpose)
+            "key.rotated", actor, _rid(), tenant=_tenant(tenant), purpose=_purpose(purpose)
         ) as a:
             validate_tenant(tenant)
             validate_purpose(purpose)
@@ -551,8 +564,8 @@ class Gateway:
             action,
             actor,
             _rid(),
-            tenant=_t(tenant),
-            purpose=_t(purpose),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
             key_version=version if version >= 1 else None,
         ):
             validate_tenant(tenant)
@@ -667,6 +680,23 @@ def _t(value: object) -> str | None:
     if isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
         return value
     return None
+
+
+def _tenant(value: object) -> str | None:
+    """A tenant for an audit field only when it is a valid tenant id: a My Number sent as the
+    tenant by mistake must not land in the trail."""
+    try:
+        validate_tenant(value)
+    except GatewayError:
+        return None
+    return value  # type: ignore[return-value]
+
+
+def _purpose(value: object) -> str | None:
+    try:
+        return validate_purpose(value)
+    except GatewayError:
+        return None
 
 
 def _rid() -> str:

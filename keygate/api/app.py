@@ -94,8 +94,11 @@ def _batch_body(
     return _json({"items": items})
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from receive(); an HTTPException so FastAPI's body reader re-raises it unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413)
 
 
 class GatewayMiddleware:
@@ -262,6 +265,7 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
             )
             raise Unauthenticated("a valid bearer token or client certificate is required")
         structlog.contextvars.bind_contextvars(identity=p.name)
+        request.scope.setdefault("state", {})["principal"] = p
         return p
 
     # ------------------------------------------------------------------ errors
@@ -281,6 +285,26 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             where.append(f"{loc or 'body'}: {err.get('type', 'invalid')}")
         request.scope.setdefault("state", {})["error_code"] = "INVALID_REQUEST"
+        p = request.scope["state"].get("principal")
+        if p is not None:  # authenticated: the refused call is audited like any other
+            try:
+                gw().audit_event(
+                    AuditEvent(
+                        action="request.rejected",
+                        outcome="error",
+                        actor=p.name,
+                        request_id=request_id(request),
+                        code="INVALID_REQUEST",
+                        detail={"path": request.url.path[:200]},
+                    )
+                )
+            except GatewayError as audit_exc:
+                return problem_response(
+                    audit_exc.code,
+                    audit_exc.detail,
+                    request_id(request),
+                    retry_after=audit_exc.retry_after,
+                )
         return problem_response(
             "INVALID_REQUEST", "; ".join(where) or "malformed request", request_id(request)
         )
@@ -291,9 +315,11 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
             exc.status_code, "INVALID_REQUEST"
         )
         request.scope.setdefault("state", {})["error_code"] = code
-        detail = {"NOT_FOUND": "no such endpoint", "METHOD_NOT_ALLOWED": "method not allowed"}.get(
-            code, "bad request"
-        )
+        detail = {
+            "NOT_FOUND": "no such endpoint",
+            "METHOD_NOT_ALLOWED": "method not allowed",
+            "PAYLOAD_TOO_LARGE": "the body is larger than the configured limit",
+        }.get(code, "bad request")
         return problem_response(code, detail, request_id(request))
 
     # ------------------------------------------------------------------ operations
