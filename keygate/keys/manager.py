@@ -147,7 +147,7 @@ class KeyManager:
         self._snap = registry.snapshot()  # type: ignore[attr-defined]
         self._active: dict[tuple[str, str], _Active] = {}
         self._opened: dict[bytes, _Opened] = {}
-        self._rewrap: dict[bytes, tuple[str, str, bytes]] = {}
+        self._rewrap: dict[tuple[str, str], dict[bytes, bytes]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -484,46 +484,55 @@ class KeyManager:
             return self._remember(key, limits, self._clock())
 
     # ------------------------------------------------------------------ rewrap
+    # The rewrap map goes from an old header to the header of the same DEK under the active key
+    # version, per tenant × purpose; a header already current maps to itself.  Filled once per
+    # DEK (one HSM wrap), emptied whenever the registry changes.
+
+    def _rewrap_map(self, tenant: str, purpose: str) -> dict[bytes, bytes]:
+        m = self._rewrap.get((tenant, purpose))
+        if m is None:
+            m = self._rewrap.setdefault((tenant, purpose), {})
+        return m
+
     def rewrap(self, tenant: str, purpose: str, envelope: bytes) -> bytes:
         """The envelope under the active key version; only the header changes."""
-        h = header_length(envelope)
-        old = envelope[:h]
-        hit = self._rewrap.get(old)
-        if hit is None or hit[0] != tenant or hit[1] != purpose:
-            hit = self._rewrap_slow(tenant, purpose, envelope, h)
-        self.stats.records_rewrapped += 1
-        new = hit[2]
-        return envelope if new == old else new + envelope[h:]
+        result = self.rewrap_many(tenant, purpose, (envelope,))[0]
+        if isinstance(result, GatewayError):
+            raise result
+        return result
 
     def rewrap_many(
         self, tenant: str, purpose: str, envelopes: Sequence[bytes]
     ) -> list[bytes | GatewayError]:
+        """Rewrap a batch; a bad item yields its error in its slot."""
         out: list[bytes | GatewayError] = []
         append = out.append
-        cache = self._rewrap
+        cache = self._rewrap_map(tenant, purpose)
         for envelope in envelopes:
             try:
-                h = header_length(envelope)
+                n = len(envelope)
+                if n < MIN_ENVELOPE_LEN or n > MAX_ENVELOPE_LEN:
+                    raise DecryptionFailed("bad envelope length")
+                h = envelope[2] << 8 | envelope[3]
+                if h + 28 > n:
+                    raise DecryptionFailed("bad header length")
                 old = envelope[:h]
-                hit = cache.get(old)
-                if hit is None or hit[0] != tenant or hit[1] != purpose:
-                    hit = self._rewrap_slow(tenant, purpose, envelope, h)
-                    cache = self._rewrap
-                new = hit[2]
+                new = cache.get(old)
+                if new is None:
+                    new = self._rewrap_slow(tenant, purpose, envelope, h)
+                    cache = self._rewrap_map(tenant, purpose)
                 append(envelope if new == old else new + envelope[h:])
             except GatewayError as exc:
                 append(exc)
         self.stats.records_rewrapped += len(envelopes)
         return out
 
-    def _rewrap_slow(
-        self, tenant: str, purpose: str, envelope: bytes, h: int
-    ) -> tuple[str, str, bytes]:
+    def _rewrap_slow(self, tenant: str, purpose: str, envelope: bytes, h: int) -> bytes:
         key = self.open_key(tenant, purpose, envelope)
         rec = self._active_record(tenant, purpose)
         version: int = rec.version  # type: ignore[attr-defined]
         if key.key_ref.version == version and len(key.chain) == 1:
-            entry = (tenant, purpose, key.header)
+            new_header = key.header
         else:
             ref = KeyRef(tenant, purpose, version)
             mechanism, wrapped = self._hsm.wrap_dek(
@@ -541,6 +550,9 @@ class KeyManager:
             )
             with self._lock:
                 self._remember(new_key, self._snap.keys[(tenant, purpose)], self._clock())
-            entry = (tenant, purpose, new_key.header)
-        self._rewrap[envelope[:h]] = entry
-        return entry
+            new_header = new_key.header
+        m = self._rewrap_map(tenant, purpose)
+        if len(m) >= self._max_cached:
+            m.clear()  # bounded: hostile or huge inputs cannot grow it without limit
+        m[envelope[:h]] = new_header
+        return new_header
