@@ -115,7 +115,13 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
         directory / "softhsm", label="keygate-demo", user_pin=pin, so_pin=secrets.token_hex(8)
     )
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")},
+        # A clean slate: none of the caller's KEYGATE_* settings (its database, its HSM) leaks
+        # into the demo, except where the policies and the PKCS#11 module live.
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("KEYGATE_") or k in ("KEYGATE_POLICIES_DIR", "KEYGATE_HSM_MODULE")
+        },
         **token.env,
         "KEYGATE_DATA_DIR": str(directory / "data"),
         "KEYGATE_HSM_TOKEN_LABEL": token.label,
