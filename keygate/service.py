@@ -285,14 +285,7 @@ class Gateway:
         ) as a:
             self._check_batch(ciphertexts)
             tenant, purpose = self._check_scope(p, "rewrap", tenant, purpose)
-            out: list[Any] = []
-            for text in ciphertexts:
-                try:
-                    env = from_text(text)
-                    new = self.keys.rewrap(tenant, purpose, env)
-                    out.append(text if new is env else to_text(new))
-                except GatewayError as exc:
-                    out.append(exc)
+            out: list[Any] = list(self.keys.rewrap_text_many(tenant, purpose, ciphertexts))
             failed = sum(isinstance(o, GatewayError) for o in out)
             a["items_failed"] = failed
             if failed < len(out):

@@ -14,10 +14,14 @@ Binary layout (integers big-endian; see docs/envelope.md for the full descriptio
                the HSM layer, whose KEK the tenant/purpose/version names; the key URI otherwise)
          2+n   wrapped DEK: length (1..2048) then the output of the outermost layer
          32    DEK key commitment
+         0..2  zero padding, so that H is a multiple of 3
     H    12    nonce
     H+12 n+16  AES-256-GCM ciphertext and tag
 
-The text form is ``kg1.`` followed by unpadded base64url of those bytes.
+The text form is ``kg1.`` followed by unpadded base64url of those bytes.  Because H is a multiple
+of 3, the first 4·H/3 characters encode the header and the rest encode the nonce, ciphertext and
+tag on their own: a text envelope can be rewrapped by replacing its header characters, without
+decoding or re-encoding the data part.
 
 Rewrap replaces bytes 0..H-1 only; the nonce, ciphertext and tag are never touched.
 """
@@ -54,6 +58,7 @@ __all__ = [
     "build_header",
     "from_text",
     "parse_header",
+    "split_text_header",
     "to_text",
 ]
 
@@ -135,6 +140,8 @@ def build_header(
     for layer in chain:
         parts += [bytes((int(layer.mechanism),)), _U16.pack(len(layer.key_id)), layer.key_id]
     parts += [_U16.pack(len(wrapped_dek)), wrapped_dek, commitment]
+    unpadded = 4 + sum(len(p) for p in parts)
+    parts.append(b"\x00" * (-unpadded % 3))
     body = b"".join(parts)
     length = 4 + len(body)
     if length > MAX_HEADER_LEN:
@@ -152,6 +159,29 @@ def _check_chain(chain: tuple[WrapLayer, ...]) -> None:
             raise ValueError("the HSM layer carries no key id")
         if not layer.mechanism.is_hsm and not 1 <= len(layer.key_id) <= MAX_KEY_ID_LEN:
             raise ValueError("provider key id length out of range")
+
+
+def split_text_header(text: str) -> tuple[str, int] | None:
+    """The header characters of a text envelope and the offset where its data part starts, or
+    None when the text cannot be a keygate v1 envelope.  Only the first 8 characters are decoded;
+    the header characters themselves are validated by whoever looks them up."""
+    if text.__class__ is not str or not text.startswith(TEXT_PREFIX) or len(text) > _MAX_TEXT_LEN:
+        return None
+    try:
+        first = binascii.a2b_base64(
+            text[4:12].encode("ascii").translate(_FROM_URLSAFE), strict_mode=True
+        )
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+    if len(first) != 6 or first[0] != FORMAT_VERSION:
+        return None
+    h = first[2] << 8 | first[3]
+    if h % 3 or h < _MIN_HEADER_LEN or h > MAX_HEADER_LEN:
+        return None
+    end = 4 + h // 3 * 4
+    if len(text) < end + (NONCE_LEN + TAG_LEN) * 4 // 3:
+        return None
+    return text[4:end], end
 
 
 def header_length(envelope: bytes) -> int:
@@ -220,8 +250,9 @@ def parse_header(envelope: bytes) -> KeyHeader:
         pos += wrapped_len
         commitment = bytes(envelope[pos : pos + COMMITMENT_LEN])
         pos += COMMITMENT_LEN
-        if pos != end:
-            raise DecryptionFailed("trailing bytes in header")
+        # Zero padding to a multiple of 3 bytes: exactly as much as needed, nothing else.
+        if end % 3 or end - pos != -pos % 3 or any(envelope[pos:end]):
+            raise DecryptionFailed("bad header padding")
     except (IndexError, struct.error):
         raise DecryptionFailed("truncated header") from None
     return KeyHeader(

@@ -39,9 +39,13 @@ from keygate.core.ports import KeyWrapper, RandomSource
 from keygate.core.wire import (
     MAX_ENVELOPE_LEN,
     MIN_ENVELOPE_LEN,
+    TEXT_PREFIX,
     WrapLayer,
+    from_text,
     header_length,
     parse_header,
+    split_text_header,
+    to_text,
 )
 
 __all__ = ["KeyManager", "KeyStats"]
@@ -148,6 +152,9 @@ class KeyManager:
         self._active: dict[tuple[str, str], _Active] = {}
         self._opened: dict[bytes, _Opened] = {}
         self._rewrap: dict[tuple[str, str], dict[bytes, bytes]] = {}
+        self._rewrap_text: dict[tuple[str, str], dict[str, str]] = {}
+        #: first 8 characters of a validated text header → where its data part starts
+        self._text_ends: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -201,6 +208,7 @@ class KeyManager:
             and st.can_decrypt
         }
         self._rewrap = {}
+        self._rewrap_text = {}
 
     @staticmethod
     def _limits_unchanged(snap: object, k: tuple[str, str], a: _Active) -> bool:
@@ -526,6 +534,63 @@ class KeyManager:
                 append(exc)
         self.stats.records_rewrapped += len(envelopes)
         return out
+
+    def rewrap_text_many(
+        self, tenant: str, purpose: str, texts: Sequence[str]
+    ) -> list[str | GatewayError]:
+        """Rewrap text envelopes by replacing their header characters only.
+
+        The header is a multiple of 3 bytes, so its base64url characters stand apart from the
+        data part's: a header seen before is swapped without decoding or encoding the data part.
+        Its first 8 characters fix the header length (they encode bytes 0..5, H among them), so a
+        known header is found with two dictionary lookups.  A header seen for the first time goes
+        through the binary path with full validation.  (Rewrap cannot authenticate the data part —
+        that needs the context — so, as for binary envelopes, a damaged data part comes back as
+        damaged as it went in.)
+        """
+        out: list[str | GatewayError] = []
+        append = out.append
+        key = (tenant, purpose)
+        cache = self._rewrap_text.setdefault(key, {})
+        ends = self._text_ends
+        for text in texts:
+            try:
+                end = ends.get(text[4:12]) if text.__class__ is str else None
+                new = None
+                if end is not None and len(text) >= end + 38 and text.startswith(TEXT_PREFIX):
+                    old = text[4:end]
+                    new = cache.get(old)
+                if new is None:
+                    old, end, new = self._rewrap_text_slow(tenant, purpose, text)
+                    cache = self._rewrap_text.setdefault(key, {})
+                elif not text.isascii():
+                    raise DecryptionFailed("not a keygate v1 envelope")
+                append(text if new == old else TEXT_PREFIX + new + text[end:])
+            except GatewayError as exc:
+                append(exc)
+        self.stats.records_rewrapped += len(texts)
+        return out
+
+    def _rewrap_text_slow(self, tenant: str, purpose: str, text: str) -> tuple[str, int, str]:
+        split = split_text_header(text)
+        if split is None:
+            raise DecryptionFailed("not a keygate v1 envelope")
+        old, end = split
+        envelope = from_text(text)  # the whole text, strictly
+        result = self.rewrap_many(tenant, purpose, (envelope,))[0]
+        if isinstance(result, GatewayError):
+            raise result
+        self.stats.records_rewrapped -= 1  # counted by the caller
+        h = envelope[2] << 8 | envelope[3]
+        new = to_text(result[:h])[len(TEXT_PREFIX) :]
+        cache = self._rewrap_text.setdefault((tenant, purpose), {})
+        if len(cache) >= self._max_cached:
+            cache.clear()  # bounded
+        cache[old] = new
+        if len(self._text_ends) >= self._max_cached:
+            self._text_ends.clear()
+        self._text_ends[text[4:12]] = end
+        return old, end, new
 
     def _rewrap_slow(self, tenant: str, purpose: str, envelope: bytes, h: int) -> bytes:
         key = self.open_key(tenant, purpose, envelope)

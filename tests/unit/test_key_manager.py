@@ -32,8 +32,10 @@ from keygate.core.wire import (
     MIN_ENVELOPE_LEN,
     WrapLayer,
     build_header,
+    from_text,
     header_length,
     parse_header,
+    to_text,
 )
 from keygate.keys.manager import KeyManager
 from keygate.keys.randomness import SystemRandom
@@ -715,3 +717,51 @@ def test_errors_from_the_manager_are_gateway_errors(w: World) -> None:
             assert exc.code == "DECRYPTION_FAILED"
         else:
             pytest.fail("decrypt accepted garbage")
+
+
+def test_text_rewrap_swaps_header_characters_only() -> None:
+    """Text rewrap gives the text of the binary rewrap, and the data part's characters are kept."""
+    w, envs = _rotated_world()
+    texts = [to_text(e) for e in envs]
+    out = w.km.rewrap_text_many(A, RES, texts)
+    for env, old, new in zip(envs, texts, out, strict=True):
+        assert isinstance(new, str)
+        binary = w.manager().rewrap(A, RES, env)
+        assert from_text(new)[header_length(binary) :] == binary[header_length(binary) :]
+        assert version_of(from_text(new)) == 2
+        h_old = 4 + header_length(env) // 3 * 4
+        h_new = 4 + header_length(from_text(new)) // 3 * 4
+        assert new[h_new:] == old[h_old:]  # the data part's characters are untouched
+    reader = w.manager()
+    for i, t in enumerate(out):
+        assert isinstance(t, str)
+        assert reader.decrypt(A, RES, {"record_id": str(i)}, from_text(t)) == b"p%d" % i
+
+
+def test_text_rewrap_uses_its_cache_and_puts_errors_in_slots() -> None:
+    """A known text header costs no HSM call; malformed, foreign or non-ASCII texts fail alone."""
+    w, envs = _rotated_world()
+    texts = [to_text(e) for e in envs]
+    first = w.km.rewrap_text_many(A, RES, texts)
+    wraps, unwraps = w.hsm.wrap_calls, w.hsm.unwrap_calls
+    assert w.km.rewrap_text_many(A, RES, texts) == first
+    assert (w.hsm.wrap_calls, w.hsm.unwrap_calls) == (wraps, unwraps)
+    bad_body = texts[0][:-3] + "あいう"
+    out = w.km.rewrap_text_many(
+        A,
+        RES,
+        ["kg1.", "garbage", texts[0], bad_body, texts[0][:60], b"kg1.x"],  # type: ignore[list-item]
+    )
+    assert isinstance(out[2], str)
+    for i in (0, 1, 3, 4, 5):
+        assert isinstance(out[i], DecryptionFailed), i
+    w.registry.rotate(B, RES)
+    w.km.refresh()
+    assert isinstance(w.km.rewrap_text_many(B, RES, [texts[0]])[0], DecryptionFailed)
+
+
+def test_current_text_ciphertext_comes_back_unchanged(w: World) -> None:
+    """A text ciphertext already under the active version is returned as it is."""
+    text = to_text(w.km.encrypt(A, RES, CTX, b"x"))
+    assert w.km.rewrap_text_many(A, RES, [text]) == [text]
+    assert w.km.rewrap_text_many(A, RES, [text])[0] is text

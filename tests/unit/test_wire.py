@@ -77,6 +77,7 @@ def raw_header(
     header_len: int | None = None,
     fmt: int = 1,
     suite: int = 1,
+    pad: bytes | None = None,
 ) -> bytes:
     """A header written byte by byte, so any field can hold a value build_header would refuse."""
     layers = [(0x01, b"")] if layers is None else layers
@@ -87,6 +88,7 @@ def raw_header(
         body += bytes((mech,)) + struct.pack(">H", len(key_id)) + key_id
     body += struct.pack(">H", len(wrapped) if wrapped_len is None else wrapped_len) + wrapped
     body += commitment
+    body += b"\x00" * (-(4 + len(body)) % 3) if pad is None else pad
     n = 4 + len(body) if header_len is None else header_len
     return struct.pack(">BBH", fmt, suite, n) + body
 
@@ -116,6 +118,8 @@ def test_header_layout_is_byte_exact() -> None:
         b"\x01\x01" + struct.pack(">H", len(hdr)) + b"\x06131016" + b"\x08resident"
         b"\x00\x00\x00\x01" + b"\x01" + b"\x01\x00\x00" + b"\x00\x3c" + WRAPPED + COMMIT
     )
+    expected += b"\x00" * (-len(expected) % 3)  # zero padding to a multiple of 3 bytes
+    assert len(hdr) % 3 == 0
     assert hdr == expected
     assert hdr == raw_header()
 
@@ -228,7 +232,8 @@ def test_largest_possible_header_fits_the_header_bound() -> None:
         ),
         wrapped=b"w" * 2048,
     )
-    assert len(big) == 4 + 65 + 65 + 4 + 1 + 3 + 2 * 515 + 2 + 2048 + 32
+    unpadded = 4 + 65 + 65 + 4 + 1 + 3 + 2 * 515 + 2 + 2048 + 32
+    assert len(big) == unpadded + (-unpadded % 3)
     assert len(big) <= MAX_HEADER_LEN
     assert parse_header(envelope(big)).length == len(big)
 
@@ -351,7 +356,10 @@ def test_huge_key_id_length_field_is_refused() -> None:
         (0, 0, False),
         (2049, 2049, False),
         (0xFFFF, 60, False),
-        (61, 60, False),
+        # Three bytes more than written: more than the 0..2 padding bytes could ever absorb.  (One
+        # or two more can read as a well-formed header with other field values, whose commitment
+        # then fails; the golden vectors cover that at decrypt time.)
+        (63, 60, False),
         (59, 60, False),
     ],
 )
@@ -413,6 +421,19 @@ def test_header_length_disagreeing_with_the_fields_is_refused(delta: int) -> Non
     bad = hdr[:2] + struct.pack(">H", len(hdr) + delta) + hdr[4:]
     if delta > 0:
         bad += b"\x00"
+    with pytest.raises(DecryptionFailed):
+        parse_header(envelope(bad))
+
+
+@pytest.mark.parametrize(
+    "pad", [b"\x01", b"\x00\x00\x00", b"\x00\x01"], ids=["non-zero", "three", "nonzero-2"]
+)
+def test_header_padding_must_be_minimal_and_zero(pad: bytes) -> None:
+    """Header padding is exactly the 0..2 zero bytes that make H a multiple of 3, nothing else."""
+    good = raw_header()
+    base = raw_header(pad=b"")
+    assert len(good) - len(base) == -len(base) % 3
+    bad = raw_header(pad=pad)
     with pytest.raises(DecryptionFailed):
         parse_header(envelope(bad))
 
