@@ -59,7 +59,42 @@ def encode_context(prefix: str, context: Mapping[str, str]) -> bytes:
     Raises InvalidRequest for too many pairs, a bad key, a non-string or over-long value, or a
     string that cannot be encoded as UTF-8 (lone surrogates).
     """
-    if len(context) > MAX_CONTEXT_PAIRS:
+    n = len(context)
+    # Fast paths for the usual one- and two-pair contexts (record_id, field): one f-string, the
+    # same bytes as the general loop below, which handles every irregular case and every error.
+    if n == 2:
+        (k1, v1), (k2, v2) = context.items()
+        if k1.__class__ is str and k2.__class__ is str and k2 < k1:
+            k1, v1, k2, v2 = k2, v2, k1, v1
+        if (
+            k1.__class__ is str
+            and k2.__class__ is str
+            and v1.__class__ is str
+            and v2.__class__ is str
+            and k1 in _KNOWN_KEYS
+            and k2 in _KNOWN_KEYS
+            and len(v1) <= MAX_CONTEXT_VALUE_LEN
+            and len(v2) <= MAX_CONTEXT_VALUE_LEN
+        ):
+            try:
+                return (
+                    f"{prefix}\x00{k1}\x00{len(v1)}\x00{v1}\x00{k2}\x00{len(v2)}\x00{v2}".encode()
+                )
+            except UnicodeEncodeError:
+                pass
+    elif n == 1:
+        ((k1, v1),) = context.items()
+        if (
+            k1.__class__ is str
+            and v1.__class__ is str
+            and k1 in _KNOWN_KEYS
+            and len(v1) <= MAX_CONTEXT_VALUE_LEN
+        ):
+            try:
+                return f"{prefix}\x00{k1}\x00{len(v1)}\x00{v1}".encode()
+            except UnicodeEncodeError:
+                pass
+    elif n > MAX_CONTEXT_PAIRS:
         raise InvalidRequest(f"context has more than {MAX_CONTEXT_PAIRS} pairs")
     s = prefix
     known = _KNOWN_KEYS

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keygate.core.context import aad_prefix, encode_context, validate_context_key
 from keygate.core.errors import InvalidRequest
@@ -212,3 +214,28 @@ def test_str_subclass_keys_are_refused_even_when_the_key_is_known() -> None:
         return
     assert forged != genuine, "a one-pair context encoded to the bytes of a two-pair context"
     pytest.fail("a str-subclass key was accepted once an equal plain key had been seen")
+
+
+def _reference(prefix: str, context: dict[str, str]) -> bytes:
+    """The documented encoding, written out plainly (no fast paths)."""
+    out = prefix
+    for key in sorted(context):
+        out += "\x00" + key + "\x00" + str(len(context[key])) + "\x00" + context[key]
+    return out.encode("utf-8")
+
+
+_KEYS = st.sampled_from(["record_id", "field", "record_type", "a", "Z.9_-"]) | st.from_regex(
+    r"[A-Za-z0-9_.-]{1,8}", fullmatch=True
+)
+_VALUES = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_KEYS, _VALUES, min_size=0, max_size=4))
+def test_encoding_equals_the_plain_reference(context: dict[str, str]) -> None:
+    """Every context (the one- and two-pair fast paths included) encodes as the documented rule."""
+    for key in context:
+        validate_context_key(key)  # known or not, the bytes must be the same
+    assert encode_context(PREFIX, context) == _reference(PREFIX, context)
+    fresh = {k + "-new": v for k, v in context.items()}  # keys not seen before: general path
+    assert encode_context(PREFIX, fresh) == _reference(PREFIX, fresh)
