@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 import shutil
@@ -30,6 +29,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from keygate.audit.events import canonical_bytes
 from keygate.core.errors import ConfigurationError, Unavailable
 
 __all__ = ["run_demo"]
@@ -345,7 +345,8 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
         with export.open("w", encoding="utf-8") as fh:
             for event in admin.audit_store.query():
                 counts[(event.action, event.outcome)] += 1
-                fh.write(json.dumps(_event_dict(event), ensure_ascii=False) + "\n")
+                # One line per event: its canonical encoding (the bytes the audit chain hashes).
+                fh.write(canonical_bytes(event).decode("utf-8") + "\n")
         table = Table("audit action", "outcome", "events")
         for (action, outcome), count in sorted(counts.items()):
             table.add_row(action, outcome, str(count))
@@ -366,21 +367,3 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
     finally:
         admin.close()
     console.rule(f"[green]demo finished in {time.perf_counter() - t_start:.1f} s[/]")
-
-
-def _event_dict(event: Any) -> dict[str, Any]:
-    return {
-        "ts": event.ts.isoformat(),
-        "action": event.action,
-        "outcome": event.outcome,
-        "actor": event.actor,
-        "request_id": event.request_id,
-        "tenant": event.tenant,
-        "purpose": event.purpose,
-        "record_type": event.record_type,
-        "key_version": event.key_version,
-        "code": event.code,
-        "items": event.items,
-        "items_failed": event.items_failed,
-        "detail": dict(event.detail),
-    }
