@@ -1,0 +1,125 @@
+"""Command line of ``python -m bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.machine import machine_facts
+from bench.report import evaluate_goals, markdown, write_json
+from bench.runner import Config, run_all
+from bench.stack import PURPOSE, TENANT, open_stack
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: default records per round: about 0.2 s of plain AES-GCM per round on the reference machine
+DEFAULT_RECORDS = {64: 200_000, 1024: 100_000}
+QUICK_RECORDS = {64: 4_000, 1024: 2_000}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="keygate in-process throughput and HSM calls next to plain AES-GCM "
+        "(real SoftHSM token, real SQLite registry, one process).",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: few records, 2 rounds (for CI; the numbers mean nothing)",
+    )
+    p.add_argument("--rounds", type=int, help="interleaved rounds per scenario (default 5)")
+    p.add_argument("--records-64", type=int, help="64 B records per round (default 200000)")
+    p.add_argument("--records-1k", type=int, help="1 KiB records per round (default 100000)")
+    p.add_argument("--batch", type=int, default=1000, help="items per *_many call (default 1000)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=RESULTS / "latest.json",
+        help="where to write the JSON results (default bench/results/latest.json)",
+    )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the Markdown report here (default: next to the JSON, .md)",
+    )
+    p.add_argument(
+        "--retain",
+        action="store_true",
+        help="keep every output of a round in memory (default: stream, freeing each chunk's "
+        "outputs before the next, as a server or a bulk job does)",
+    )
+    p.add_argument("--rich", action="store_true", help="render the report with Rich")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    base = QUICK_RECORDS if args.quick else DEFAULT_RECORDS
+    records = {
+        64: args.records_64 or base[64],
+        1024: args.records_1k or base[1024],
+    }
+    rounds = args.rounds or (2 if args.quick else 5)
+    if rounds < 1 or args.batch < 1 or min(records.values()) < 1:
+        print("rounds, batch and record counts must be positive", file=sys.stderr)
+        return 2
+    if not args.quick and rounds < 5:
+        print(f"warning: {rounds} rounds; the report's medians want at least 5", file=sys.stderr)
+    config = Config(
+        records=records, rounds=rounds, batch=args.batch, quick=args.quick, retain=args.retain
+    )
+
+    started = time.monotonic()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    machine = machine_facts()
+    with open_stack() as stack:
+        scenarios, facts = run_all(stack, config)
+        keygate = {
+            "tenant": TENANT,
+            "purpose": PURPOSE,
+            "mechanism": stack.hsm.mechanism.name,
+            **facts,
+            **stack.dek_limits(),
+            "hsm_adapter_calls_total": stack.hsm.calls,
+        }
+    try:
+        load_end = list(os.getloadavg())
+    except OSError:
+        load_end = None
+    meta = {
+        "started_at": started_at,
+        "duration_s": time.monotonic() - started,
+        "load_average_at_end": load_end,
+        "config": {
+            "quick": config.quick,
+            "rounds": config.rounds,
+            "batch": config.batch,
+            "retain": config.retain,
+            "records_per_round": {str(k): v for k, v in records.items()},
+            "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        },
+        "machine": machine,
+        "keygate": keygate,
+    }
+    goals = evaluate_goals(scenarios)
+    text = markdown(scenarios, goals, meta)
+    write_json(args.json, scenarios, goals, meta, config)
+    md_path = args.markdown or args.json.with_suffix(".md")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text, encoding="utf-8")
+    if args.rich:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console().print(Markdown(text))
+    else:
+        sys.stdout.write(text)
+    print(f"wrote {args.json} and {md_path}", file=sys.stderr)
+    # Speed goals are reported, never asserted: exit 0 whatever the numbers.
+    return 0
