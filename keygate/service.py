@@ -12,7 +12,6 @@ import hashlib
 import json
 import secrets
 import struct
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -694,7 +693,3 @@ def _purpose(value: object) -> str | None:
 
 def _rid() -> str:
     return "cli-" + secrets.token_hex(8)
-
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000
