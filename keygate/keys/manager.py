@@ -99,23 +99,16 @@ class _Active:
 
 
 class _Opened:
-    """An unwrapped DEK in the decrypt cache, keyed by its exact header bytes."""
+    """An unwrapped DEK in the decrypt cache, keyed by its exact header bytes.
 
-    __slots__ = (
-        "aad0",
-        "cipher",
-        "counter",
-        "expires",
-        "h",
-        "key",
-        "max_records",
-        "prefix",
-        "purpose",
-        "tenant",
-    )
+    It lives as long as the key's DEK age limit.  The record limit bounds *encryptions* under one
+    DEK (random-nonce collisions); reading does not use nonces, so reads are not counted.
+    """
+
+    __slots__ = ("aad0", "cipher", "expires", "h", "key", "prefix", "purpose", "tenant")
 
     def __init__(
-        self, key: DataKey, tenant: str, purpose: str, prefix: str, max_records: int, expires: float
+        self, key: DataKey, tenant: str, purpose: str, prefix: str, expires: float
     ) -> None:
         self.key = key
         self.cipher = key.cipher
@@ -124,9 +117,7 @@ class _Opened:
         self.purpose = purpose
         self.prefix = prefix
         self.aad0 = encode_context(prefix, {})
-        self.max_records = max_records
         self.expires = expires
-        self.counter = itertools.count()
 
 
 class KeyManager:
@@ -364,7 +355,6 @@ class KeyManager:
             key.key_ref.tenant,
             key.key_ref.purpose,
             aad_prefix(SUITE, key.key_ref.tenant, key.key_ref.purpose),
-            int(limits.dek_max_records),  # type: ignore[attr-defined]
             now + float(limits.dek_max_age_s),  # type: ignore[attr-defined]
         )
         cache = self._opened
@@ -388,13 +378,7 @@ class KeyManager:
         if h + 28 > n:  # nonce (12) and tag (16) must fit after the header
             raise DecryptionFailed("bad header length")
         o = self._opened.get(envelope[:h])
-        if (
-            o is None
-            or o.tenant != tenant
-            or o.purpose != purpose
-            or next(o.counter) >= o.max_records
-            or o.expires < self._clock()
-        ):
+        if o is None or o.tenant != tenant or o.purpose != purpose or o.expires < self._clock():
             o = self._open_slow(tenant, purpose, envelope)
             h = o.h
         self.stats.records_decrypted += 1
@@ -426,13 +410,7 @@ class KeyManager:
                 if h + 28 > n:  # nonce (12) and tag (16) must fit after the header
                     raise DecryptionFailed("bad header length")
                 o = opened.get(envelope[:h])
-                if (
-                    o is None
-                    or o.tenant != tenant
-                    or o.purpose != purpose
-                    or next(o.counter) >= o.max_records
-                    or o.expires < now
-                ):
+                if o is None or o.tenant != tenant or o.purpose != purpose or o.expires < now:
                     o = self._open_slow(tenant, purpose, envelope)
                     opened = self._opened
                     h = o.h

@@ -765,3 +765,18 @@ def test_current_text_ciphertext_comes_back_unchanged(w: World) -> None:
     text = to_text(w.km.encrypt(A, RES, CTX, b"x"))
     assert w.km.rewrap_text_many(A, RES, [text]) == [text]
     assert w.km.rewrap_text_many(A, RES, [text])[0] is text
+
+
+def test_reads_do_not_count_against_the_record_limit() -> None:
+    """The record limit bounds encryptions; a cached DEK decrypts any number of records."""
+    w = make_world(max_records=2)
+    env = w.km.encrypt(A, RES, CTX, b"x")
+    reader = w.manager()
+    unwraps = w.hsm.unwrap_calls
+    for _ in range(10):
+        assert reader.decrypt(A, RES, CTX, env) == b"x"
+    assert reader.decrypt_many(A, RES, [(CTX, env)] * 10) == [b"x"] * 10
+    assert w.hsm.unwrap_calls - unwraps == 1
+    w.clock.advance(3601)
+    assert reader.decrypt(A, RES, CTX, env) == b"x"
+    assert w.hsm.unwrap_calls - unwraps == 2  # the age limit still applies to the cache
