@@ -77,7 +77,9 @@ def test_vector_file_covers_the_required_cases() -> None:
 
 
 @pytest.mark.parametrize(
-    ("vector", "again"), zip(POSITIVE, REGENERATED["positive"], strict=True), ids=_ids(POSITIVE)
+    ("vector", "again"),
+    list(zip(POSITIVE, REGENERATED["positive"], strict=True)),
+    ids=_ids(POSITIVE),
 )
 def test_positive_vector_regenerates_byte_for_byte(
     vector: dict[str, Any], again: dict[str, Any]
@@ -89,7 +91,9 @@ def test_positive_vector_regenerates_byte_for_byte(
 
 
 @pytest.mark.parametrize(
-    ("vector", "again"), zip(NEGATIVE, REGENERATED["negative"], strict=True), ids=_ids(NEGATIVE)
+    ("vector", "again"),
+    list(zip(NEGATIVE, REGENERATED["negative"], strict=True)),
+    ids=_ids(NEGATIVE),
 )
 def test_negative_vector_regenerates_byte_for_byte(
     vector: dict[str, Any], again: dict[str, Any]
