@@ -50,11 +50,11 @@ extras="${KEYGATE_PIP_EXTRAS:-}"
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 stamp=".venv/.keygate-installed"
-want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1) ${extras}"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1) ${extras}"
 if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
   echo "setup: installing keygate ${spec} into .venv (pip)" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e "$spec"
   echo "$want" >"$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
