@@ -29,18 +29,18 @@ ENV PATH=/opt/venv/bin:$PATH
 # Where outgoing HTTPS goes through a TLS-inspecting proxy, pass its CA bundle as the build secret
 # `pip-ca` (buildah/docker build --secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt): pip
 # uses it for the build only and it never ends up in a layer.  Without the secret pip uses its own CAs.
-COPY pyproject.toml /opt/keygate/src/pyproject.toml
+COPY pyproject.toml constraints.txt /opt/keygate/src/
 RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && python -c "import tomllib; p = tomllib.load(open('/opt/keygate/src/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt \
+ && pip install -c /opt/keygate/src/constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 # keygate itself (a regular, non-editable install; the dependencies above are already satisfied).
 COPY keygate /opt/keygate/src/keygate
 RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
- && pip install '/opt/keygate/src[postgres]' \
+ && pip install -c /opt/keygate/src/constraints.txt '/opt/keygate/src[postgres]' \
  && pip check \
  && rm -rf /opt/keygate/src
 
