@@ -358,6 +358,28 @@ class Gateway:
                 raise DecryptionFailed() from None
         return out, withheld
 
+    def _record_one(
+        self,
+        action: str,
+        operation: str,
+        fn: Callable[..., Any],
+        p: Principal,
+        request_id: str,
+        record_type: str,
+        tenant: str,
+        record_id: str,
+        record: Mapping[str, Any],
+    ) -> Any:
+        with self._audited(
+            action, p.name, request_id, tenant=_tenant(tenant), record_type=_t(record_type)
+        ) as a:
+            tenant, policy = self._record_scope(p, operation, tenant, record_type)
+            result = fn(p, tenant, policy, record_id, record)
+            if isinstance(result, tuple):  # decrypt also says how many fields it withheld
+                result, withheld = result
+                a["detail"] = {"fields_withheld": withheld}
+        return result
+
     def encrypt_record(
         self,
         p: Principal,
@@ -367,15 +389,10 @@ class Gateway:
         record_id: str,
         record: Mapping[str, Any],
     ) -> dict[str, Any]:
-        with self._audited(
-            "record.encrypt",
-            p.name,
-            request_id,
-            tenant=_tenant(tenant),
-            record_type=_t(record_type),
-        ):
-            tenant, policy = self._record_scope(p, "encrypt", tenant, record_type)
-            return self._encrypt_record(p, tenant, policy, record_id, record)
+        return self._record_one(  # type: ignore[no-any-return]
+            "record.encrypt", "encrypt", self._encrypt_record,
+            p, request_id, record_type, tenant, record_id, record,
+        )  # fmt: skip
 
     def decrypt_record(
         self,
@@ -386,17 +403,10 @@ class Gateway:
         record_id: str,
         record: Mapping[str, Any],
     ) -> dict[str, Any]:
-        with self._audited(
-            "record.decrypt",
-            p.name,
-            request_id,
-            tenant=_tenant(tenant),
-            record_type=_t(record_type),
-        ) as a:
-            tenant, policy = self._record_scope(p, "decrypt", tenant, record_type)
-            out, withheld = self._decrypt_record(p, tenant, policy, record_id, record)
-            a["detail"] = {"fields_withheld": withheld}
-        return out
+        return self._record_one(  # type: ignore[no-any-return]
+            "record.decrypt", "decrypt", self._decrypt_record,
+            p, request_id, record_type, tenant, record_id, record,
+        )  # fmt: skip
 
     def _record_batch(
         self,
