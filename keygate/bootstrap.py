@@ -8,8 +8,9 @@ from typing import Any
 
 import structlog
 
+from keygate.audit.keys import AuditKeys
 from keygate.audit.store import AuditStore
-from keygate.audit.writer import AuditWriter
+from keygate.audit.writer import AuditWriter, Checkpointer
 from keygate.config import Settings
 from keygate.core.errors import ConfigurationError
 from keygate.core.model import WrapMechanism
@@ -21,7 +22,7 @@ from keygate.keys.registry import Registry
 from keygate.policy.records import load_policies
 from keygate.service import Gateway
 
-__all__ = ["build_gateway", "hsm_config", "open_registry"]
+__all__ = ["audit_keys", "build_gateway", "hsm_config", "open_registry"]
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +76,16 @@ def open_registry(settings: Settings, *, create: bool = False) -> tuple[Registry
     return registry, store
 
 
+def audit_keys(settings: Settings, hsm: Any, store: AuditStore) -> AuditKeys:
+    """The checkpoint signing key and the pseudonym key of the audit trail (in the HSM)."""
+    return AuditKeys(
+        hsm,
+        store,
+        signing_label=settings.audit_signing_key_label,
+        pseudonym_label=settings.audit_pseudonym_key_label,
+    )
+
+
 def build_gateway(
     settings: Settings,
     *,
@@ -96,13 +107,21 @@ def build_gateway(
     )
     if start_refresher:
         keys.start(settings.refresh_interval_s)
-    audit = AuditWriter(store, timeout_s=settings.audit_timeout_s)
+    keys_for_audit = audit_keys(settings, hsm, store)
+    checkpointer = Checkpointer(
+        store,
+        keys_for_audit.sign_checkpoint,
+        every_events=settings.audit_checkpoint_events,
+        every_s=settings.audit_checkpoint_interval_s,
+    )
+    audit = AuditWriter(store, timeout_s=settings.audit_timeout_s, checkpointer=checkpointer)
     return Gateway(
         registry=registry,
         hsm=hsm,
         keys=keys,
         audit=audit,
         audit_store=store,
+        audit_keys=keys_for_audit,
         policies=load_policies(settings.policies_dir),
         max_batch_items=settings.max_batch_items,
         default_dek_max_records=settings.dek_max_records,

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     audit_timeout_s: float = Field(default=5.0, gt=0)
+    #: sign the audit chain head every this many events …
+    audit_checkpoint_events: int = Field(default=1000, ge=1, le=1_000_000)
+    #: … and at least this often (seconds) while events arrive
+    audit_checkpoint_interval_s: float = Field(default=60.0, gt=0, le=86_400)
+    audit_signing_key_label: str = "kg/audit-signing"
+    audit_pseudonym_key_label: str = "kg/audit-pseudonym"
 
     @field_validator("hsm_mechanism", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from typing import Any, Final
 import structlog
 
 from keygate.audit.events import AuditEvent
+from keygate.audit.pseudonym import MAX_BATCH_REFS
 from keygate.audit.writer import AuditWriter
 from keygate.core.errors import (
     ConfigurationError,
@@ -98,6 +99,7 @@ class Gateway:
         audit: AuditWriter,
         audit_store: Any,
         policies: Mapping[str, RecordPolicy],
+        audit_keys: Any = None,
         max_batch_items: int = 10_000,
         default_dek_max_records: int = 1 << 20,
         default_dek_max_age_s: float = 600.0,
@@ -107,6 +109,8 @@ class Gateway:
         self.keys = keys
         self.audit = audit
         self.audit_store = audit_store
+        #: the audit trail's HSM keys (checkpoints, record-id pseudonyms); None = no pseudonyms
+        self.audit_keys = audit_keys
         self.policies = dict(policies)
         self.max_batch_items = max_batch_items
         self.default_dek_max_records = default_dek_max_records
@@ -373,12 +377,44 @@ class Gateway:
         with self._audited(
             action, p.name, request_id, tenant=_tenant(tenant), record_type=_t(record_type)
         ) as a:
+            detail: dict[str, Any] = {}
+            a["detail"] = detail
+            # Pseudonymise first, so that refused attempts on a record are findable as well.
+            self._add_record_refs(detail, tenant, [record_id])
             tenant, policy = self._record_scope(p, operation, tenant, record_type)
             result = fn(p, tenant, policy, record_id, record)
             if isinstance(result, tuple):  # decrypt also says how many fields it withheld
                 result, withheld = result
-                a["detail"] = {"fields_withheld": withheld}
+                detail["fields_withheld"] = withheld
         return result
+
+    def _add_record_refs(
+        self, detail: dict[str, Any], tenant: object, record_ids: Sequence[object]
+    ) -> None:
+        """Put the pseudonyms of ``record_ids`` (never the ids) into an audit ``detail``.
+
+        One record: ``record_ref``.  A batch of at most ``MAX_BATCH_REFS`` records:
+        ``record_refs`` (comma-separated, in request order).  Larger batches: only their size
+        is recorded (an event's detail values are bounded to 1024 characters).  A pseudonym
+        costs one HSM call per tenant per process, then a software HMAC per record.
+        Invalid tenants or record ids are skipped (the request fails on them anyway).
+        """
+        if self.audit_keys is None or _tenant(tenant) is None:
+            return
+        if len(record_ids) > MAX_BATCH_REFS:
+            return
+        refs = []
+        for record_id in record_ids:
+            try:
+                rid = _check_record_id(record_id)
+                rid.encode("utf-8")  # a lone surrogate is refused later, as INVALID_REQUEST
+            except (GatewayError, UnicodeEncodeError):
+                continue
+            refs.append(self.audit_keys.record_ref(tenant, rid))
+        if len(record_ids) == 1 and refs:
+            detail["record_ref"] = refs[0]
+        elif refs:
+            detail["record_refs"] = ",".join(refs)
 
     def encrypt_record(
         self,
@@ -428,6 +464,10 @@ class Gateway:
             items=len(items),
         ) as a:
             self._check_batch(items)
+            if len(items) <= MAX_BATCH_REFS:
+                detail: dict[str, Any] = {}
+                a["detail"] = detail
+                self._add_record_refs(detail, tenant, [rid for rid, _ in items])
             tenant, policy = self._record_scope(p, operation, tenant, record_type)
             out: list[Any] = []
             for record_id, record in items:

@@ -5,26 +5,36 @@ transaction and returns only once it is durable (SQLite runs with ``synchronous=
 failure raises :class:`~keygate.core.errors.Unavailable` so the caller refuses the operation
 (*fail closed*).  Callers batch the events of concurrent requests into one call (group commit).
 
-Order
-    ``seq`` is assigned by the database and defines the order of the trail.  Appends are
-    serialised (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock), so
-    ``seq`` order is also commit order: a reader never sees seq *n + 1* without seq *n*.  That
-    is what lets a later change chain each event to its predecessor through the reserved
-    ``prev_hash``/``hash`` columns, computed over :func:`~keygate.audit.events.canonical_bytes`.
+Order and chain
+    ``seq`` defines the order of the trail.  Appends are serialised (SQLite: ``BEGIN
+    IMMEDIATE``; PostgreSQL: a transaction-scoped advisory lock); inside that lock the append
+    reads the last row's ``seq`` and ``hash``, numbers the new events ``seq + 1, seq + 2 …``
+    itself (a PostgreSQL sequence would leave gaps after a rolled-back transaction) and chains
+    each one to its predecessor (:mod:`keygate.audit.chain`).  So several processes appending
+    to one database produce one gap-free chain in ``seq`` order, and ``seq`` order is commit
+    order.  If the previous row cannot be read or carries no valid hash, the append fails
+    (fail closed).
+
+Checkpoints
+    ``kg_audit_checkpoints`` holds signed chain heads (:class:`Checkpoint`).  They are made by
+    :meth:`AuditStore.checkpoint` under the same lock, with a signing callback (the HSM).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection
 
-from keygate.audit.events import AuditEvent, DetailValue, redact_check
+from keygate.audit.chain import GENESIS_HASH, chain_hash, is_hash
+from keygate.audit.events import AuditEvent, DetailValue, format_timestamp, redact_check
 from keygate.core.errors import Unavailable
 from keygate.keys.registry import (
     UTCDateTime,
@@ -37,7 +47,15 @@ from keygate.keys.registry import (
     sqlite_begin_immediate,
 )
 
-__all__ = ["DEFAULT_PAGE_SIZE", "AuditStore", "audit_events_table", "audit_metadata"]
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "AuditStore",
+    "ChainedEvent",
+    "Checkpoint",
+    "audit_checkpoints_table",
+    "audit_events_table",
+    "audit_metadata",
+]
 
 #: advisory lock serialising appends on PostgreSQL ("kgaudit\0")
 _APPEND_LOCK_ID: Final = 0x6B67617564697400
@@ -84,6 +102,48 @@ audit_events_table: Final = sa.Table(
 sa.Index("ix_kg_audit_events_ts", audit_events_table.c.ts)
 sa.Index("ix_kg_audit_events_tenant_seq", audit_events_table.c.tenant, audit_events_table.c.seq)
 
+audit_checkpoints_table: Final = sa.Table(
+    "kg_audit_checkpoints",
+    audit_metadata,
+    #: the seq of the event whose hash is signed (the chain head when the checkpoint was made)
+    sa.Column("seq", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("hash", sa.String(_HASH_LEN), nullable=False),
+    #: seq of the previous checkpoint (0 for the first): a deleted checkpoint is noticed
+    sa.Column("prev_seq", sa.BigInteger(), nullable=False),
+    #: RFC 3339 text exactly as signed
+    sa.Column("ts", sa.String(40), nullable=False),
+    #: DER-encoded ECDSA signature, base64
+    sa.Column("signature", sa.Text(), nullable=False),
+    #: SHA-256 (hex) of the signing key's SubjectPublicKeyInfo DER
+    sa.Column("key_id", sa.String(64), nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainedEvent:
+    """An event with its place in the chain."""
+
+    seq: int
+    prev_hash: str
+    hash: str
+    event: AuditEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A signed chain head."""
+
+    seq: int
+    hash: str
+    prev_seq: int
+    ts: str
+    signature: str
+    key_id: str
+
+
+#: signs a checkpoint: (seq, hash, prev_seq, ts) -> (base64 DER signature, key id)
+CheckpointSigner = Callable[[int, str, int, str], tuple[str, str]]
+
 
 def _encode_detail(detail: dict[str, DetailValue]) -> str:
     return json.dumps(detail, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -127,6 +187,17 @@ def _event(row: sa.Row[Any]) -> AuditEvent:
     )
 
 
+def _checkpoint(row: sa.Row[Any]) -> Checkpoint:
+    return Checkpoint(
+        seq=int(row.seq),
+        hash=row.hash,
+        prev_seq=int(row.prev_seq),
+        ts=row.ts,
+        signature=row.signature,
+        key_id=row.key_id,
+    )
+
+
 def _check_aware(name: str, value: object) -> None:
     if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
         raise ValueError(f"{name} must be a timezone-aware datetime")
@@ -140,6 +211,27 @@ def _sqlite_file(url: URL) -> str | None:
     if database.startswith("file:") or url.query.get("uri") == "true":
         return None
     return database
+
+
+def _chain_legacy_rows(conn: Connection) -> None:
+    """Chain rows written before the chain existed (NULL hash), in seq order; idempotent.
+
+    Renumbering is not possible without rewriting history, so a legacy PostgreSQL trail with
+    gaps in ``seq`` keeps them, and ``keygate audit verify`` reports the first gap.
+    """
+    table = audit_events_table
+    if conn.execute(sa.select(table.c.seq).where(table.c.hash.is_(None)).limit(1)).first() is None:
+        return
+    prev = GENESIS_HASH
+    for row in conn.execute(sa.select(table).order_by(table.c.seq)).all():
+        if row.hash is None:
+            digest = chain_hash(prev, _event(row), int(row.seq))
+            conn.execute(
+                sa.update(table).where(table.c.seq == row.seq).values(prev_hash=prev, hash=digest)
+            )
+            prev = digest
+        else:
+            prev = row.hash
 
 
 def _check_limit(limit: object) -> None:
@@ -175,6 +267,10 @@ class AuditStore:
                 if is_postgresql(self._engine):
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
                 audit_metadata.create_all(conn, checkfirst=True)
+            sqlite_begin_immediate(conn)
+            with conn.begin():
+                self._lock_appends(conn)
+                _chain_legacy_rows(conn)
         if self._sqlite_path is not None and self._file_identity is None:
             st = os.stat(self._sqlite_path)
             self._file_identity = (st.st_dev, st.st_ino)
@@ -188,15 +284,17 @@ class AuditStore:
         ):
             conn.execute(sa.select(audit_events_table.c.seq).limit(1)).all()
 
-    def append(self, events: Sequence[AuditEvent]) -> None:
+    def append(self, events: Sequence[AuditEvent]) -> tuple[int, str] | None:
         """Write ``events`` in one transaction, durable on return, in the order given.
+
+        Returns the new chain head ``(seq, hash)`` (None for an empty batch).
 
         Raises :class:`ValueError` (before touching the database) if an event fails
         :func:`~keygate.audit.events.redact_check`, and :class:`Unavailable` on any storage
         failure, in which case none of the events was written.
         """
         if not events:
-            return
+            return None
         for event in events:
             if not isinstance(event, AuditEvent):
                 raise TypeError("append() takes AuditEvent objects")
@@ -208,6 +306,12 @@ class AuditStore:
                 sqlite_begin_immediate(conn)
                 with conn.begin():
                     self._lock_appends(conn)
+                    seq, prev = self._head(conn)
+                    for row, event in zip(rows, events, strict=True):
+                        seq += 1
+                        row["seq"] = seq
+                        row["prev_hash"] = prev
+                        row["hash"] = prev = chain_hash(prev, event, seq)
                     conn.execute(sa.insert(audit_events_table), rows)
         except Exception as exc:
             # Fail closed whatever went wrong (constraint, driver, disk): nothing was written.
@@ -216,6 +320,7 @@ class AuditStore:
                 f"{redacted_url(self._url)} cannot be written "
                 f"({describe_database_error(exc, self._url)})"
             ) from exc
+        return seq, prev
 
     def _check_file(self) -> None:
         """Refuse to write if the SQLite file was removed or replaced under open connections.
@@ -238,6 +343,188 @@ class AuditStore:
     def _lock_appends(self, conn: Connection) -> None:
         if is_postgresql(self._engine):
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_APPEND_LOCK_ID)))
+
+    @staticmethod
+    def _head(conn: Connection) -> tuple[int, str]:
+        """``(seq, hash)`` of the last event (``(0, GENESIS_HASH)`` when empty), under the lock.
+
+        Raises if the last row carries no valid hash: the chain cannot be extended.
+        """
+        table = audit_events_table
+        row = conn.execute(
+            sa.select(table.c.seq, table.c.hash).order_by(table.c.seq.desc()).limit(1)
+        ).first()
+        if row is None:
+            return 0, GENESIS_HASH
+        if not is_hash(row.hash):
+            raise RuntimeError(f"audit event seq {row.seq} has no valid chain hash")
+        return int(row.seq), str(row.hash)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the append lock (every process of every gateway waits for it) meanwhile.
+
+        For one-time work that must not run twice at once across processes, such as creating
+        the audit keys in the HSM.  Keep it short: every audit append waits.
+        """
+        with (
+            self._guard,
+            database_errors("lock audit trail", self._url),
+            self._engine.connect() as conn,
+        ):
+            sqlite_begin_immediate(conn)
+            with conn.begin():
+                self._lock_appends(conn)
+                yield
+
+    def head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last event; ``(0, GENESIS_HASH)`` for an empty trail."""
+        with (
+            self._guard,
+            database_errors("read audit chain head", self._url),
+            self._engine.connect() as conn,
+        ):
+            return self._head(conn)
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        with (
+            self._guard,
+            database_errors("read audit checkpoints", self._url),
+            self._engine.connect() as conn,
+        ):
+            return self._last_checkpoint(conn)
+
+    @staticmethod
+    def _last_checkpoint(conn: Connection) -> Checkpoint | None:
+        table = audit_checkpoints_table
+        row = conn.execute(sa.select(table).order_by(table.c.seq.desc()).limit(1)).first()
+        return None if row is None else _checkpoint(row)
+
+    def checkpoint(
+        self, signer: CheckpointSigner, *, now: datetime | None = None
+    ) -> Checkpoint | None:
+        """Sign the current chain head unless it is already signed; returns the checkpoint.
+
+        Runs under the append lock, so two processes never sign different heads out of order
+        and the checkpoints form their own chain (``prev_seq``).  Returns None for an empty
+        trail.  Raises :class:`Unavailable` on any failure (nothing was written).
+        """
+        try:
+            with self._guard, self._engine.connect() as conn:
+                sqlite_begin_immediate(conn)
+                with conn.begin():
+                    self._lock_appends(conn)
+                    seq, head_hash = self._head(conn)
+                    last = self._last_checkpoint(conn)
+                    if seq == 0:
+                        return None
+                    if last is not None and last.seq >= seq:
+                        return last
+                    ts = format_timestamp(now or datetime.now(UTC))
+                    prev_seq = last.seq if last is not None else 0
+                    signature, key_id = signer(seq, head_hash, prev_seq, ts)
+                    cp = Checkpoint(seq, head_hash, prev_seq, ts, signature, key_id)
+                    conn.execute(
+                        sa.insert(audit_checkpoints_table),
+                        {
+                            "seq": cp.seq,
+                            "hash": cp.hash,
+                            "prev_seq": cp.prev_seq,
+                            "ts": cp.ts,
+                            "signature": cp.signature,
+                            "key_id": cp.key_id,
+                        },
+                    )
+                    return cp
+        except Exception as exc:
+            raise Unavailable(
+                f"audit checkpoint at {redacted_url(self._url)} failed "
+                f"({describe_database_error(exc, self._url)})"
+            ) from exc
+
+    def checkpoints(self, *, from_seq: int = 1, to_seq: int | None = None) -> list[Checkpoint]:
+        """Checkpoints with ``from_seq <= seq <= to_seq``, in order."""
+        table = audit_checkpoints_table
+        statement = sa.select(table).where(table.c.seq >= from_seq).order_by(table.c.seq)
+        if to_seq is not None:
+            statement = statement.where(table.c.seq <= to_seq)
+        with (
+            self._guard,
+            database_errors("read audit checkpoints", self._url),
+            self._engine.connect() as conn,
+        ):
+            return [_checkpoint(row) for row in conn.execute(statement).all()]
+
+    def chained(self, *, from_seq: int = 1, to_seq: int | None = None) -> Iterator[ChainedEvent]:
+        """Events with their chain fields, ``from_seq <= seq <= to_seq``, streamed in pages."""
+        table = audit_events_table
+        last_seq = from_seq - 1
+        while True:
+            statement = (
+                sa.select(table).where(table.c.seq > last_seq).order_by(table.c.seq)
+            ).limit(self._page_size)
+            if to_seq is not None:
+                statement = statement.where(table.c.seq <= to_seq)
+            with (
+                self._guard,
+                database_errors("query audit trail", self._url),
+                self._engine.connect() as conn,
+            ):
+                rows = conn.execute(statement).all()
+            for row in rows:
+                yield ChainedEvent(int(row.seq), row.prev_hash, row.hash, _event(row))
+            if len(rows) < self._page_size:
+                return
+            last_seq = int(rows[-1].seq)
+
+    def seq_range(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> tuple[int, int] | None:
+        """The smallest and largest seq with ``since <= ts < until`` (None when none)."""
+        _check_aware("since", since)
+        _check_aware("until", until)
+        table = audit_events_table
+        conditions: list[sa.ColumnElement[bool]] = []
+        if since is not None:
+            conditions.append(table.c.ts >= since)
+        if until is not None:
+            conditions.append(table.c.ts < until)
+        statement = sa.select(sa.func.min(table.c.seq), sa.func.max(table.c.seq)).where(*conditions)
+        with (
+            self._guard,
+            database_errors("query audit trail", self._url),
+            self._engine.connect() as conn,
+        ):
+            low, high = conn.execute(statement).one()
+        return None if low is None else (int(low), int(high))
+
+    def find_detail(self, needle: str, *, tenant: str | None = None) -> Iterator[ChainedEvent]:
+        """Events whose ``detail`` JSON contains ``needle`` (hex digits only), in seq order."""
+        if not needle or not all(c in "0123456789abcdef" for c in needle):
+            raise ValueError("needle must be lower-case hex digits")
+        table = audit_events_table
+        conditions = [table.c.detail.contains(needle)]
+        if tenant is not None:
+            conditions.append(table.c.tenant == tenant)
+        last_seq = 0
+        while True:
+            statement = (
+                sa.select(table)
+                .where(table.c.seq > last_seq, *conditions)
+                .order_by(table.c.seq)
+                .limit(self._page_size)
+            )
+            with (
+                self._guard,
+                database_errors("query audit trail", self._url),
+                self._engine.connect() as conn,
+            ):
+                rows = conn.execute(statement).all()
+            for row in rows:
+                yield ChainedEvent(int(row.seq), row.prev_hash, row.hash, _event(row))
+            if len(rows) < self._page_size:
+                return
+            last_seq = int(rows[-1].seq)
 
     def query(
         self,

@@ -9,20 +9,71 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
 
 from keygate.core.errors import Unavailable
 
-__all__ = ["AuditWriter"]
+__all__ = ["AuditWriter", "Checkpointer"]
 
 log = structlog.get_logger(__name__)
 
 
 class _Store(Protocol):
-    def append(self, events: Sequence[Any]) -> None: ...
+    def append(self, events: Sequence[Any]) -> Any: ...
+
+
+class Checkpointer:
+    """Signs the chain head every ``every_events`` events, and at least every ``every_s``
+    seconds while events arrive.  Called by the writer thread after each append.
+
+    A failed checkpoint is logged and retried at the next opportunity; it never fails the
+    append (the events are already durable and chained; ``keygate audit verify`` reports events
+    no checkpoint covers, and every export first signs the head).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        signer: Callable[[int, str, int, str], tuple[str, str]],
+        *,
+        every_events: int = 1000,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if every_events < 1 or not every_s > 0:
+            raise ValueError("checkpoint intervals must be positive")
+        self._store = store
+        self._signer = signer
+        self._every_events = every_events
+        self._every_s = every_s
+        self._clock = clock
+        self._last_seq: int | None = None
+        self._last_time = clock()
+        self.checkpoints_made = 0
+
+    def after_append(self, head_seq: int) -> None:
+        now = self._clock()
+        try:
+            if self._last_seq is None:
+                last = self._store.last_checkpoint()
+                self._last_seq = last.seq if last is not None else 0
+            due = head_seq - self._last_seq >= self._every_events or (
+                head_seq > self._last_seq and now - self._last_time >= self._every_s
+            )
+            if not due:
+                return
+            self._last_time = now
+            cp = self._store.checkpoint(self._signer)
+            if cp is not None:
+                self._last_seq = cp.seq
+                self.checkpoints_made += 1
+        except Exception as exc:  # noqa: BLE001 - logged; the next append retries
+            self._last_time = now
+            log.warning("audit.checkpoint_failed", error=type(exc).__name__)
 
 
 class _Pending:
@@ -37,8 +88,16 @@ class _Pending:
 class AuditWriter:
     """Durable, fail-closed audit writes with group commit."""
 
-    def __init__(self, store: _Store, *, timeout_s: float = 5.0, max_batch: int = 1024) -> None:
+    def __init__(
+        self,
+        store: _Store,
+        *,
+        timeout_s: float = 5.0,
+        max_batch: int = 1024,
+        checkpointer: Checkpointer | None = None,
+    ) -> None:
         self._store = store
+        self._checkpointer = checkpointer
         self._timeout = timeout_s
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -82,7 +141,7 @@ class AuditWriter:
                     break
                 batch.append(nxt)
             try:
-                self._store.append([p.event for p in batch])
+                head = self._store.append([p.event for p in batch])
             except Exception as exc:  # noqa: BLE001 - any failure fails the waiting requests closed
                 self.healthy = False
                 log.error(  # noqa: TRY400 - the cause is named; its text could hold a URL
@@ -96,6 +155,8 @@ class AuditWriter:
             self.events_written += len(batch)
             for p in batch:
                 p.done.set()
+            if self._checkpointer is not None and isinstance(head, tuple):
+                self._checkpointer.after_append(head[0])
 
     def close(self) -> None:
         if not self._closed:

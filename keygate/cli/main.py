@@ -54,9 +54,14 @@ key_app = typer.Typer(
     help="Keys (KEKs in the HSM) per tenant × purpose, and their versions.", no_args_is_help=True
 )
 token_app = typer.Typer(help="Service identities and their bearer tokens.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="The audit trail: export, offline verification, the checkpoint key, record lookups.",
+    no_args_is_help=True,
+)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
 
 out = Console()
 err = Console(stderr=True)
@@ -146,7 +151,7 @@ def init(
 ) -> None:
     """Create the registry and audit tables and check that the HSM token logs in."""
     with _errors():
-        from keygate.bootstrap import hsm_config, open_registry
+        from keygate.bootstrap import audit_keys, hsm_config, open_registry
         from keygate.config import load_settings
 
         settings = load_settings()
@@ -154,15 +159,16 @@ def init(
             _init_softhsm(settings)
         registry, store = open_registry(settings, create=True)
         registry.close()
-        store.close()
         from keygate.hsm.pkcs11 import Pkcs11Hsm
 
         hsm = Pkcs11Hsm(hsm_config(settings))
         try:
             hsm.check()
             mech = hsm.mechanism
+            audit_keys(settings, hsm, store).ensure()  # checkpoint signing + pseudonym keys
         finally:
             hsm.close()
+            store.close()
     out.print(
         f"[green]ok[/] registry {settings.data_dir}; HSM token {settings.hsm_token_label!r} "
         f"answers; wrap mechanism {mech.name}"
@@ -445,6 +451,147 @@ def token_list() -> None:
             "cert" if r.token_hash.startswith("cert-") else "token",
             r.revoked_at.isoformat(timespec="seconds") if r.revoked_at else "",
         )
+    out.print(table)
+
+
+# ---------------------------------------------------------------------- audit
+def _when(value: str | None, name: str) -> Any:
+    """An ISO 8601 date or date-time; without an offset it is taken as UTC."""
+    if value is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be an ISO 8601 date or date-time") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+@audit_app.command("export")
+def audit_export(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="jsonl (verifiable), csv (Excel) or ocsf.")
+    ] = "jsonl",
+    since: Annotated[
+        str | None, typer.Option(help="From this ISO 8601 time (inclusive; default UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Up to this ISO 8601 time (exclusive; default UTC).")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's events.")] = None,
+) -> None:
+    """Export the trail; signs the chain head first.  Left-out events become hash-only stubs."""
+    from keygate.audit.export import FORMATS, export_trail
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+    start, end = _when(since, "--since"), _when(until, "--until")
+
+    def run(gw: Any) -> Any:
+        keys = gw.audit_keys
+        store = gw.audit_store
+
+        def write(stream: Any) -> Any:
+            return export_trail(
+                store,
+                stream,
+                checkpoint_now=lambda: store.checkpoint(keys.sign_checkpoint),
+                fmt=fmt,
+                since=start,
+                until=end,
+                tenant=tenant,
+                key_id=keys.key_id,
+            )
+
+        if output is None:
+            summary = write(sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return summary
+        with output.open("wb") as stream:
+            return write(stream)
+
+    summary = _run(run)
+    err.print(
+        f"[green]exported[/] {summary.events} events, {summary.omitted} omitted (hash only), "
+        f"{summary.checkpoints} checkpoints; seq {summary.from_seq}..{summary.to_seq}"
+        + (f" to {output}" if output else ""),
+        highlight=False,
+    )
+
+
+@audit_app.command("verify")
+def audit_verify(
+    file: Annotated[Path, typer.Argument(help="A JSON Lines export (keygate audit export).")],
+    public_key: Annotated[
+        Path, typer.Option("--public-key", help="The checkpoint key (keygate audit public-key).")
+    ],
+) -> None:
+    """Verify an export offline: chain, seq continuity, checkpoint signatures.  Needs no
+    database and no HSM."""
+    from keygate.audit.verify import verify_export
+
+    with _errors():
+        pem = public_key.read_bytes()
+        with file.open(encoding="utf-8", newline="") as lines:
+            result = verify_export(lines, pem)
+    if not result.ok:
+        where = f"line {result.line}" + (f" (seq {result.seq})" if result.seq is not None else "")
+        err.print(f"[bold red]FAILED[/] at {where}: {result.reason}", highlight=False)
+        raise typer.Exit(65)  # EX_DATAERR
+    out.print(
+        f"[green]OK[/] {result.events} events, {result.omitted} omitted (hash only), "
+        f"{result.checkpoints} checkpoints; seq {result.first_seq}..{result.last_seq} verified",
+        highlight=False,
+    )
+
+
+@audit_app.command("public-key")
+def audit_public_key() -> None:
+    """Print the PEM public key that verifies checkpoint signatures."""
+    pem = _run(lambda gw: gw.audit_keys.public_key_pem())
+    sys.stdout.write(pem.decode("ascii"))
+
+
+@audit_app.command("who-touched")
+def audit_who_touched(
+    tenant: str,
+    record_id: Annotated[str, typer.Argument(help="The record id, as the application sent it.")],
+) -> None:
+    """List the events that touched a record (found by its pseudonym; ids are never stored)."""
+
+    def run(gw: Any) -> tuple[str, list[Any]]:
+        from keygate.policy.tenants import validate_tenant
+
+        validate_tenant(tenant)
+        if not record_id or "\x00" in record_id:
+            raise typer.BadParameter("record id must be non-empty text")
+        ref = gw.audit_keys.record_ref(tenant, record_id)
+        found = [
+            item
+            for item in gw.audit_store.find_detail(ref, tenant=tenant)
+            if ref == item.event.detail.get("record_ref")
+            or ref in str(item.event.detail.get("record_refs", "")).split(",")
+        ]
+        return ref, found
+
+    ref, found = _run(run)
+    table = Table("seq", "time (UTC)", "actor", "action", "outcome", "code", "request id")
+    for item in found:
+        ev = item.event
+        table.add_row(
+            str(item.seq),
+            ev.ts.isoformat(timespec="seconds"),
+            ev.actor,
+            ev.action,
+            ev.outcome,
+            ev.code or "",
+            ev.request_id,
+        )
+    err.print(f"record_ref {ref}: {len(found)} event(s)", highlight=False)
     out.print(table)
 
 

@@ -38,6 +38,7 @@ after a few wrong PINs) until a new :class:`Pkcs11Hsm` is built with a new confi
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -54,6 +55,11 @@ from typing import Any, Final, NoReturn, TypeVar
 import pkcs11
 from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
+from pkcs11.util.ec import (
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
 
 from keygate.core.errors import (
     ConfigurationError,
@@ -361,6 +367,8 @@ class Pkcs11Hsm:
         self._token: Any = None
         self._generation = -1
         self._keks: dict[str, Any] = {}
+        #: (object class, label) -> handle of the audit keys (signing key pair, HMAC key)
+        self._objects: dict[tuple[ObjectClass, str], Any] = {}
         #: PKCS#11 mechanism for every wrap mechanism this token passed the probe for
         self._ckm: dict[WrapMechanism, Mechanism] = {}
         self._mechanism: WrapMechanism | None = None
@@ -526,6 +534,175 @@ class Pkcs11Hsm:
                 raise DecryptionFailed()
             log.debug("unwrapped a DEK with KEK %r (%s)", label, mechanism.name)
             return dek
+
+    # -- audit keys: checkpoint signing (ECDSA P-256) and record-id pseudonyms (HMAC) ---------
+
+    def create_signing_key(self, label: str) -> None:
+        """Generate an ECDSA P-256 key pair; the private key is sensitive and not extractable."""
+        _check_label(label)
+        with self._locked("create signing key"):
+            session = self._ensure_session()
+            self._calls += 1
+
+            def create() -> None:
+                if self._find_object(ObjectClass.PRIVATE_KEY, label) is not None:
+                    raise ProviderRejected(
+                        f"a signing key labelled {label!r} already exists on HSM token "
+                        f"{self._config.token_label!r}"
+                    )
+                params = session.create_domain_parameters(
+                    KeyType.EC,
+                    {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                    local=True,
+                )
+                public, private = params.generate_keypair(
+                    id=kek_id(label),
+                    label=label,
+                    store=True,
+                    public_template={
+                        Attribute.TOKEN: True,
+                        Attribute.VERIFY: True,
+                        Attribute.ENCRYPT: False,
+                        Attribute.WRAP: False,
+                    },
+                    private_template={
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True,
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: False,
+                        Attribute.SIGN: True,
+                        Attribute.DECRYPT: False,
+                        Attribute.UNWRAP: False,
+                        Attribute.DERIVE: False,
+                    },
+                )
+                self._objects[ObjectClass.PUBLIC_KEY, label] = public
+                self._objects[ObjectClass.PRIVATE_KEY, label] = private
+
+            self._run("create signing key", None, create)
+            log.info("created signing key %r on HSM token %r", label, self._config.token_label)
+
+    def signing_key_exists(self, label: str) -> bool:
+        """Whether the token holds the private key of a signing key pair labelled ``label``."""
+        _check_label(label)
+        with self._locked("lookup"):
+            self._ensure_session()
+            found = self._run(
+                "lookup", None, lambda: self._find_object(ObjectClass.PRIVATE_KEY, label)
+            )
+            return found is not None
+
+    def sign(self, label: str, data: bytes) -> bytes:
+        """ECDSA P-256 with SHA-256 over ``data``; returns the DER-encoded signature.
+
+        The digest is computed here and signed with ``CKM_ECDSA`` (SoftHSM 2.6 and several
+        network HSMs do not offer ``CKM_ECDSA_SHA256``); the result is the same signature.
+        """
+        _check_label(label)
+        digest = hashlib.sha256(_as_bytes(data, "data")).digest()
+        with self._locked("sign"):
+            self._ensure_session()
+            self._calls += 1
+
+            def sign() -> bytes:
+                key = self._require_object(ObjectClass.PRIVATE_KEY, label)
+                raw: bytes = _method(key, "sign")(digest, mechanism=Mechanism.ECDSA)
+                return raw
+
+            raw = self._run("sign", None, sign)
+        if len(raw) != 64:
+            raise ProviderRejected(
+                f"HSM token {self._config.token_label!r} returned a {len(raw)}-byte ECDSA "
+                f"signature with key {label!r} (expected 64)"
+            )
+        der: bytes = encode_ecdsa_signature(raw)
+        return der
+
+    def public_key_pem(self, label: str) -> bytes:
+        """The public half of the signing key pair as a PEM ``PUBLIC KEY`` (SPKI)."""
+        _check_label(label)
+        with self._locked("public key"):
+            self._ensure_session()
+
+            def read() -> bytes:
+                der: bytes = encode_ec_public_key(
+                    self._require_object(ObjectClass.PUBLIC_KEY, label)
+                )
+                return der
+
+            der = self._run("public key", None, read)
+        body = base64.encodebytes(der).decode("ascii").replace("\n", "")
+        lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+        return (
+            "-----BEGIN PUBLIC KEY-----\n" + "\n".join(lines) + "\n-----END PUBLIC KEY-----\n"
+        ).encode()
+
+    def create_hmac_key(self, label: str) -> None:
+        """Generate a 256-bit generic secret for HMAC-SHA256: sensitive, not extractable."""
+        _check_label(label)
+        with self._locked("create hmac key"):
+            session = self._ensure_session()
+            self._calls += 1
+
+            def create() -> None:
+                if self._find_object(ObjectClass.SECRET_KEY, label) is not None:
+                    raise ProviderRejected(
+                        f"a secret key labelled {label!r} already exists on HSM token "
+                        f"{self._config.token_label!r}"
+                    )
+                key = session.generate_key(
+                    KeyType.GENERIC_SECRET,
+                    256,
+                    id=kek_id(label),
+                    label=label,
+                    store=True,
+                    capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                    template={
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True,
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: False,
+                        Attribute.ENCRYPT: False,
+                        Attribute.DECRYPT: False,
+                        Attribute.WRAP: False,
+                        Attribute.UNWRAP: False,
+                        Attribute.DERIVE: False,
+                    },
+                )
+                self._objects[ObjectClass.SECRET_KEY, label] = key
+
+            self._run("create hmac key", None, create)
+            log.info("created HMAC key %r on HSM token %r", label, self._config.token_label)
+
+    def hmac_key_exists(self, label: str) -> bool:
+        """Whether the token holds a secret key labelled ``label``."""
+        _check_label(label)
+        with self._locked("lookup"):
+            self._ensure_session()
+            found = self._run(
+                "lookup", None, lambda: self._find_object(ObjectClass.SECRET_KEY, label)
+            )
+            return found is not None
+
+    def hmac_sha256(self, label: str, data: bytes) -> bytes:
+        """HMAC-SHA256 of ``data`` under the secret key ``label`` (``C_Sign``, CKM_SHA256_HMAC)."""
+        _check_label(label)
+        data = _as_bytes(data, "data")
+        with self._locked("hmac"):
+            self._ensure_session()
+            self._calls += 1
+
+            def mac() -> bytes:
+                key = self._require_object(ObjectClass.SECRET_KEY, label)
+                out: bytes = _method(key, "sign")(data, mechanism=Mechanism.SHA256_HMAC)
+                return out
+
+            out = self._run("hmac", None, mac)
+        if len(out) != 32:
+            raise ProviderRejected(
+                f"HSM token {self._config.token_label!r} returned a {len(out)}-byte HMAC"
+            )
+        return out
 
     def check(self) -> None:
         """Health probe: raises ProviderUnavailable unless the token answers now."""
@@ -724,6 +901,7 @@ class Pkcs11Hsm:
         self._session = None
         self._token = None
         self._keks.clear()
+        self._objects.clear()
 
     def _drop_broken_session(self) -> None:
         """After token trouble: forget the session and re-initialise before reconnecting."""
@@ -805,6 +983,36 @@ class Pkcs11Hsm:
         self._keks[label] = key
         return key
 
+    def _find_object(self, object_class: ObjectClass, label: str) -> Any:
+        """The token object of this class and label, or None; several are an error."""
+        cached = self._objects.get((object_class, label))
+        if cached is not None:
+            return cached
+        found = list(
+            self._session.get_objects(
+                {Attribute.CLASS: object_class, Attribute.LABEL: label, Attribute.TOKEN: True}
+            )
+        )
+        if len(found) > 1:
+            raise ProviderRejected(
+                f"several {object_class.name} objects are labelled {label!r} on HSM token "
+                f"{self._config.token_label!r}"
+            )
+        if not found:
+            self._token.slot.get_token()  # an empty search only counts if the token answers
+            return None
+        self._objects[object_class, label] = found[0]
+        return found[0]
+
+    def _require_object(self, object_class: ObjectClass, label: str) -> Any:
+        found = self._find_object(object_class, label)
+        if found is None:
+            raise ProviderRejected(
+                f"no {object_class.name} labelled {label!r} on HSM token "
+                f"{self._config.token_label!r}"
+            )
+        return found
+
     def _run(
         self, op: str, label: str | None, fn: Callable[[], _T], *, decrypting: bool = False
     ) -> _T:
@@ -825,6 +1033,7 @@ class Pkcs11Hsm:
             except _STALE_HANDLE as exc:
                 if label is not None:
                     self._keks.pop(label, None)
+                self._objects.clear()
                 if attempt == 0 and self._token_answers():
                     continue
                 self._raise_unavailable(op, exc)

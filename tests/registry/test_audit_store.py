@@ -271,7 +271,7 @@ def test_ping(audit_store: AuditStore) -> None:
 
 
 def test_schema_reserves_chain_columns(db_url: str, audit_store: AuditStore) -> None:
-    """The table has a database-assigned seq key and nullable prev_hash/hash columns."""
+    """The table has a seq key and prev_hash/hash columns, filled in by the chain on append."""
     audit_store.append([_event(1), _event(2)])
     engine = sa.create_engine(db_url)
     try:
@@ -286,7 +286,8 @@ def test_schema_reserves_chain_columns(db_url: str, audit_store: AuditStore) -> 
         engine.dispose()
     assert [r.seq for r in rows] == sorted(r.seq for r in rows)
     assert rows[0].seq < rows[1].seq
-    assert all(r.prev_hash is None and r.hash is None for r in rows)
+    assert rows[0].prev_hash == "00" * 32
+    assert rows[1].prev_hash == rows[0].hash and len(rows[1].hash) == 64
 
 
 def test_shares_a_database_with_the_registry(registry: Registry, db_url: str) -> None:

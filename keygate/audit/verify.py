@@ -1,0 +1,268 @@
+"""Offline verification of a JSON Lines audit export with nothing but the public key.
+
+Imports only the standard library, ``cryptography`` and :mod:`keygate.audit.chain` /
+:mod:`keygate.audit.events` (pure): no registry, database driver or PKCS#11.
+
+Checks, in file order, stopping at the first failure (reported with its line number and seq):
+
+* every line is a JSON object of a known ``type``; line 1 is the header;
+* events (and omitted-event stubs) have consecutive seqs, and each ``prev_hash`` is the hash of
+  the line before (the genesis hash for seq 1);
+* each full event's hash is recomputed from its canonical encoding;
+* each checkpoint follows the event it names, matches the running hash, names the previous
+  checkpoint (``prev_seq``: a deleted checkpoint is caught), is signed by the given key and
+  verifies;
+* the export starts at seq 1 or at a signed anchor checkpoint, ends at the header's ``to_seq``,
+  and no event comes after the last checkpoint (an *unsigned tail*: events appended, or the
+  export truncated and re-chained, after the last signature).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from keygate.audit.chain import (
+    GENESIS_HASH,
+    chain_hash_bytes,
+    checkpoint_message,
+    is_hash,
+    key_id,
+)
+
+__all__ = ["VerifyResult", "verify_export"]
+
+_EVENT_FIELDS: Final = frozenset(
+    {
+        "action", "actor", "code", "detail", "event_id", "items", "items_failed", "key_version",
+        "outcome", "purpose", "record_type", "request_id", "tenant", "ts",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    events: int = 0
+    omitted: int = 0
+    checkpoints: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    #: where verification failed: 1-based line number, the seq there (if any), and why
+    line: int | None = None
+    seq: int | None = None
+    reason: str = ""
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, seq: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.seq = seq
+
+
+def _int(obj: dict[str, Any], name: str) -> int:
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Bad(f"{name} must be a non-negative integer")
+    return value
+
+
+def _hash(obj: dict[str, Any], name: str, seq: int | None) -> str:
+    value = obj.get(name)
+    if not is_hash(value):
+        raise _Bad(f"{name} is not a 64-digit hex hash", seq)
+    return str(value)
+
+
+class _Verifier:
+    def __init__(self, public_key_pem: bytes) -> None:
+        key = load_pem_public_key(public_key_pem)
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise ValueError("the public key must be an ECDSA P-256 key")
+        self.key = key
+        self.key_id = key_id(public_key_pem)
+        self.header: dict[str, Any] | None = None
+        self.running: str | None = None  # hash of the last event (or anchor)
+        self.next_seq: int | None = None
+        self.last_event_seq: int | None = None
+        self.last_cp_seq: int | None = None
+        self.first_seq: int | None = None
+        self.events = self.omitted = self.checkpoints = 0
+
+    def line(self, number: int, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            raise _Bad("not a JSON object")
+        kind = obj.get("type")
+        if number == 1:
+            if kind != "header" or obj.get("format") != "keygate-audit-export/1":
+                raise _Bad("line 1 is not a keygate-audit-export/1 header")
+            self.header = obj
+            return
+        if kind == "event":
+            self.event(obj)
+        elif kind == "checkpoint":
+            self.checkpoint(obj)
+        else:
+            raise _Bad(f"unknown line type {kind!r}")
+
+    def event(self, obj: dict[str, Any]) -> None:
+        seq = _int(obj, "seq")
+        prev = _hash(obj, "prev_hash", seq)
+        digest = _hash(obj, "hash", seq)
+        if self.next_seq is None:  # the first event, with no anchor checkpoint before it
+            if seq != 1 or prev != GENESIS_HASH:
+                raise _Bad(
+                    "the export starts neither at seq 1 (genesis) nor after a signed anchor "
+                    "checkpoint: events before it were removed",
+                    seq,
+                )
+            self.first_seq = 1
+            self.running = GENESIS_HASH
+        elif seq != self.next_seq:
+            raise _Bad(
+                f"expected seq {self.next_seq}, found {seq}: an event was deleted, inserted "
+                "or moved",
+                seq,
+            )
+        if prev != self.running:
+            raise _Bad("prev_hash is not the hash of the previous event", seq)
+        if obj.get("omitted") is True:
+            if set(obj) != {"type", "seq", "prev_hash", "hash", "omitted"}:
+                raise _Bad("an omitted-event stub carries extra fields", seq)
+            self.omitted += 1
+        else:
+            event = obj.get("event")
+            if set(obj) != {"type", "seq", "prev_hash", "hash", "event"} or not isinstance(
+                event, dict
+            ):
+                raise _Bad("malformed event line", seq)
+            if set(event) != _EVENT_FIELDS:
+                raise _Bad("the event does not have exactly the canonical fields", seq)
+            canonical = json.dumps(
+                event, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode("utf-8")
+            if chain_hash_bytes(prev, canonical, seq) != digest:
+                raise _Bad("the event was modified: its hash does not match its content", seq)
+            self.events += 1
+        self.running = digest
+        self.last_event_seq = seq
+        self.next_seq = seq + 1
+
+    def checkpoint(self, obj: dict[str, Any]) -> None:
+        seq = _int(obj, "seq")
+        digest = _hash(obj, "hash", seq)
+        prev_seq = _int(obj, "prev_seq")
+        ts, sig_text, kid = obj.get("ts"), obj.get("signature"), obj.get("key_id")
+        if set(obj) != {"type", "seq", "hash", "prev_seq", "ts", "key_id", "signature"}:
+            raise _Bad("malformed checkpoint line", seq)
+        if not isinstance(ts, str) or not isinstance(sig_text, str):
+            raise _Bad("malformed checkpoint line", seq)
+        if kid != self.key_id:
+            raise _Bad("checkpoint signed by another key than the one given", seq)
+        try:
+            signature = base64.b64decode(sig_text, validate=True)
+            self.key.verify(
+                signature,
+                checkpoint_message(seq=seq, hash=digest, prev_seq=prev_seq, ts=ts),
+                ec.ECDSA(hashes.SHA256()),
+            )
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise _Bad("checkpoint signature does not verify", seq) from None
+        if self.next_seq is None and self.last_cp_seq is None:
+            # The anchor of a range export: its hash is the prev_hash of the first event.
+            if prev_seq >= seq:
+                raise _Bad("checkpoint prev_seq is not before its seq", seq)
+            self.running = digest
+            self.next_seq = seq + 1
+            self.first_seq = seq + 1
+            self.last_cp_seq = seq
+            self.checkpoints += 1
+            return
+        if seq != self.last_event_seq:
+            raise _Bad("checkpoint does not follow the event it signs", seq)
+        if digest != self.running:
+            raise _Bad(
+                "checkpoint hash does not match the chain: events since the previous "
+                f"checkpoint (seq {self.last_cp_seq or 0}) were altered",
+                seq,
+            )
+        if self.last_cp_seq is not None:
+            if prev_seq != self.last_cp_seq:
+                raise _Bad(
+                    f"checkpoint names previous checkpoint seq {prev_seq} but the previous one "
+                    f"in the export is seq {self.last_cp_seq}: a checkpoint was deleted",
+                    seq,
+                )
+        elif self.first_seq is not None and prev_seq >= self.first_seq:
+            raise _Bad(
+                f"checkpoint names previous checkpoint seq {prev_seq}, which is missing: "
+                "a checkpoint was deleted",
+                seq,
+            )
+        self.last_cp_seq = seq
+        self.checkpoints += 1
+
+
+def verify_export(lines: Iterable[str], public_key_pem: bytes) -> VerifyResult:
+    """Verify an export given as text lines; never raises for a bad export (see the result)."""
+    v = _Verifier(public_key_pem)
+    number = 0
+    last_event_line = 0
+    tail_start: tuple[int, int] | None = None  # first event line after the last checkpoint
+
+    def bad(line: int | None, reason: str, seq: int | None = None) -> VerifyResult:
+        return VerifyResult(
+            False, v.events, v.omitted, v.checkpoints, v.first_seq, v.last_event_seq,
+            line, seq, reason,
+        )  # fmt: skip
+
+    for number, raw in enumerate(lines, start=1):
+        text = raw.rstrip("\r\n")
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return bad(number, "not valid JSON")
+        try:
+            before = v.checkpoints
+            v.line(number, obj)
+        except _Bad as exc:
+            return bad(number, exc.reason, exc.seq)
+        if isinstance(obj, dict) and obj.get("type") == "event":
+            last_event_line = number
+            if tail_start is None:
+                tail_start = (number, v.last_event_seq or 0)
+        elif v.checkpoints > before:
+            tail_start = None
+    if v.header is None:
+        return bad(1, "empty file: no header")
+    last = v.last_event_seq if v.last_event_seq is not None else (v.next_seq or 1) - 1
+    if tail_start is not None:
+        return bad(
+            tail_start[0],
+            f"unsigned tail: events from seq {tail_start[1]} to {last} are not covered by a "
+            f"signed checkpoint (last checkpoint: seq {v.last_cp_seq or 'none'})",
+            tail_start[1],
+        )
+    to_seq = v.header.get("to_seq")
+    if isinstance(to_seq, int) and to_seq and last != to_seq:
+        return bad(
+            (last_event_line or number) + 1 if last < to_seq else last_event_line,
+            f"the export ends at seq {last} but its header says {to_seq}: the tail was "
+            "truncated or extended",
+            last,
+        )
+    return VerifyResult(
+        True, v.events, v.omitted, v.checkpoints, v.first_seq, v.last_event_seq, None, None, ""
+    )
