@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import shutil
@@ -29,7 +30,6 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from keygate.audit.events import canonical_bytes
 from keygate.core.errors import ConfigurationError, Unavailable
 
 __all__ = ["run_demo"]
@@ -340,18 +340,39 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
             clerk.close()
             osaka.close()
 
+        # 8. What a security reviewer does: export the chained trail, get the checkpoint key,
+        # verify offline — with the real CLI, as a reviewer would run it.
         export = directory / "audit.jsonl"
+        public_key = directory / "audit-key.pem"
+        cli = [sys.executable, "-m", "keygate.cli.main"]
+        for args in (
+            ["audit", "export", "--format", "jsonl", "--output", str(export)],
+            ["audit", "public-key"],
+            ["audit", "verify", str(export), "--public-key", str(public_key)],
+        ):
+            done = subprocess.run(  # noqa: S603 - our own CLI, fixed arguments
+                [*cli, *args], env=env, capture_output=True, text=True, check=False, timeout=120
+            )
+            if done.returncode != 0:
+                raise Unavailable(
+                    f"keygate {' '.join(args[:2])} failed: {done.stderr.strip()[-300:]}"
+                )
+            if args[1] == "public-key":
+                public_key.write_text(done.stdout, encoding="utf-8")
+            verdict = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
         counts: Counter[tuple[str, str]] = Counter()
-        with export.open("w", encoding="utf-8") as fh:
-            for event in admin.audit_store.query():
-                counts[(event.action, event.outcome)] += 1
-                # One line per event: its canonical encoding (the bytes the audit chain hashes).
-                fh.write(canonical_bytes(event).decode("utf-8") + "\n")
+        for line in export.read_text(encoding="utf-8").splitlines():
+            item = json.loads(line)
+            if item.get("type") == "event" and "event" in item:
+                counts[(item["event"]["action"], item["event"]["outcome"])] += 1
         table = Table("audit action", "outcome", "events")
         for (action, outcome), count in sorted(counts.items()):
             table.add_row(action, outcome, str(count))
-        console.print(f"8. audit trail exported to {export}:")
+        console.print(
+            f"8. audit trail exported to {export} (hash-chained, HSM-signed checkpoints):"
+        )
         console.print(table)
+        console.print(f"   keygate audit verify, offline with {public_key.name}: {verdict}")
         dump = export.read_text(encoding="utf-8") + (directory / "gateway.log").read_text(
             encoding="utf-8", errors="replace"
         )
