@@ -113,6 +113,7 @@ def build_gateway(
         keys_for_audit.sign_checkpoint,
         every_events=settings.audit_checkpoint_events,
         every_s=settings.audit_checkpoint_interval_s,
+        prepare=keys_for_audit.prepare,
     )
     audit = AuditWriter(store, timeout_s=settings.audit_timeout_s, checkpointer=checkpointer)
     return Gateway(

@@ -24,6 +24,7 @@ from keygate.audit.pseudonym import (
     record_ref_from_tenant_key,
     tenant_key_input,
 )
+from keygate.core.errors import Unavailable
 
 __all__ = ["SIGNING_KEY_LABEL", "AuditKeys"]
 
@@ -92,9 +93,20 @@ class AuditKeys:
         assert self._key_id is not None  # noqa: S101 - set together with the PEM
         return self._key_id
 
+    def prepare(self) -> None:
+        """Create the keys if needed and load the public key.  Call it *outside* the store's
+        append lock: creating keys takes that lock (across processes)."""
+        self.public_key_pem()
+
     def sign_checkpoint(self, seq: int, head_hash: str, prev_seq: int, ts: str) -> tuple[str, str]:
-        """``(base64 DER signature, key id)`` over :func:`checkpoint_message` (a store signer)."""
-        kid = self.key_id
+        """``(base64 DER signature, key id)`` over :func:`checkpoint_message` (a store signer).
+
+        Runs under the append lock, so it never creates keys (that would take the lock again):
+        call :meth:`prepare` first.
+        """
+        if self._key_id is None:
+            raise Unavailable("the audit signing key is not loaded (call prepare() first)")
+        kid = self._key_id
         message = checkpoint_message(seq=seq, hash=head_hash, prev_seq=prev_seq, ts=ts)
         der = self._hsm.sign(self.signing_label, message)
         return base64.b64encode(der).decode("ascii"), kid

@@ -43,6 +43,8 @@ class Checkpointer:
         every_events: int = 1000,
         every_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        prepare: Callable[[], object] | None = None,
+        retry_s: float = 5.0,
     ) -> None:
         if every_events < 1 or not every_s > 0:
             raise ValueError("checkpoint intervals must be positive")
@@ -53,7 +55,12 @@ class Checkpointer:
         self._clock = clock
         self._last_seq: int | None = None
         self._last_time = clock()
+        #: runs before the append lock is taken (the signer must not need the lock itself)
+        self._prepare = prepare
+        self._retry_s = retry_s
+        self._retry_at = 0.0
         self.checkpoints_made = 0
+        self.failures = 0
 
     def after_append(self, head_seq: int) -> None:
         now = self._clock()
@@ -64,15 +71,20 @@ class Checkpointer:
             due = head_seq - self._last_seq >= self._every_events or (
                 head_seq > self._last_seq and now - self._last_time >= self._every_s
             )
-            if not due:
+            if not due or now < self._retry_at:
                 return
             self._last_time = now
+            if self._prepare is not None:
+                self._prepare()  # e.g. make sure the signing key exists: outside the lock
             cp = self._store.checkpoint(self._signer)
             if cp is not None:
                 self._last_seq = cp.seq
                 self.checkpoints_made += 1
-        except Exception as exc:  # noqa: BLE001 - logged; the next append retries
+        except Exception as exc:  # noqa: BLE001 - logged; retried after retry_s
+            # Back off: the writer thread must not retry a failing checkpoint on every append.
             self._last_time = now
+            self._retry_at = now + self._retry_s
+            self.failures += 1
             log.warning("audit.checkpoint_failed", error=type(exc).__name__)
 
 

@@ -499,7 +499,7 @@ def audit_export(
             return export_trail(
                 store,
                 stream,
-                checkpoint_now=lambda: store.checkpoint(keys.sign_checkpoint),
+                checkpoint_now=lambda: (keys.prepare(), store.checkpoint(keys.sign_checkpoint))[1],
                 fmt=fmt,
                 since=start,
                 until=end,
