@@ -34,7 +34,7 @@ def write_chart(path: Path, scenarios: Sequence[Scenario], extras: Extras) -> Pa
         if sc.size != 1024 or sc.context != "none":
             continue
         if sc.api == "batch":
-            bars.append((f"plain loop {sc.op}", sc.rate("plain"), "plain"))
+            bars.append((sc.plain_label, sc.rate("plain"), "plain"))
         bars.append((f"keygate {sc.op} ({sc.api})", sc.rate("keygate"), "keygate"))
     for row in extras.peers or []:
         if row.size == 1024:
