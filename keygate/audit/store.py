@@ -22,6 +22,7 @@ Checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -255,13 +256,15 @@ class AuditStore:
     def __repr__(self) -> str:
         return f"AuditStore({redacted_url(self._url)!r})"
 
+    @contextlib.contextmanager
+    def _connection(self, what: str) -> Iterator[Connection]:
+        """A connection under the process guard; database errors become ``Unavailable``."""
+        with self._guard, database_errors(what, self._url), self._engine.connect() as conn:
+            yield conn
+
     def create_schema(self) -> None:
         """Create the table and its indexes if they do not exist (idempotent)."""
-        with (
-            self._guard,
-            database_errors("create audit schema", self._url),
-            self._engine.connect() as conn,
-        ):
+        with self._connection("create audit schema") as conn:
             sqlite_begin_immediate(conn)
             with conn.begin():
                 if is_postgresql(self._engine):
@@ -277,11 +280,7 @@ class AuditStore:
 
     def ping(self) -> None:
         """Raise :class:`Unavailable` unless the audit table can be read."""
-        with (
-            self._guard,
-            database_errors("ping audit trail", self._url),
-            self._engine.connect() as conn,
-        ):
+        with self._connection("ping audit trail") as conn:
             conn.execute(sa.select(audit_events_table.c.seq).limit(1)).all()
 
     def append(self, events: Sequence[AuditEvent]) -> tuple[int, str] | None:
@@ -367,11 +366,7 @@ class AuditStore:
         For one-time work that must not run twice at once across processes, such as creating
         the audit keys in the HSM.  Keep it short: every audit append waits.
         """
-        with (
-            self._guard,
-            database_errors("lock audit trail", self._url),
-            self._engine.connect() as conn,
-        ):
+        with self._connection("lock audit trail") as conn:
             sqlite_begin_immediate(conn)
             with conn.begin():
                 self._lock_appends(conn)
@@ -379,19 +374,11 @@ class AuditStore:
 
     def head(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last event; ``(0, GENESIS_HASH)`` for an empty trail."""
-        with (
-            self._guard,
-            database_errors("read audit chain head", self._url),
-            self._engine.connect() as conn,
-        ):
+        with self._connection("read audit chain head") as conn:
             return self._head(conn)
 
     def last_checkpoint(self) -> Checkpoint | None:
-        with (
-            self._guard,
-            database_errors("read audit checkpoints", self._url),
-            self._engine.connect() as conn,
-        ):
+        with self._connection("read audit checkpoints") as conn:
             return self._last_checkpoint(conn)
 
     @staticmethod
@@ -448,11 +435,7 @@ class AuditStore:
         statement = sa.select(table).where(table.c.seq >= from_seq).order_by(table.c.seq)
         if to_seq is not None:
             statement = statement.where(table.c.seq <= to_seq)
-        with (
-            self._guard,
-            database_errors("read audit checkpoints", self._url),
-            self._engine.connect() as conn,
-        ):
+        with self._connection("read audit checkpoints") as conn:
             return [_checkpoint(row) for row in conn.execute(statement).all()]
 
     def chained(self, *, from_seq: int = 1, to_seq: int | None = None) -> Iterator[ChainedEvent]:
@@ -465,11 +448,7 @@ class AuditStore:
             ).limit(self._page_size)
             if to_seq is not None:
                 statement = statement.where(table.c.seq <= to_seq)
-            with (
-                self._guard,
-                database_errors("query audit trail", self._url),
-                self._engine.connect() as conn,
-            ):
+            with self._connection("query audit trail") as conn:
                 rows = conn.execute(statement).all()
             for row in rows:
                 yield ChainedEvent(int(row.seq), row.prev_hash, row.hash, _event(row))
@@ -490,11 +469,7 @@ class AuditStore:
         if until is not None:
             conditions.append(table.c.ts < until)
         statement = sa.select(sa.func.min(table.c.seq), sa.func.max(table.c.seq)).where(*conditions)
-        with (
-            self._guard,
-            database_errors("query audit trail", self._url),
-            self._engine.connect() as conn,
-        ):
+        with self._connection("query audit trail") as conn:
             low, high = conn.execute(statement).one()
         return None if low is None else (int(low), int(high))
 
@@ -514,11 +489,7 @@ class AuditStore:
                 .order_by(table.c.seq)
                 .limit(self._page_size)
             )
-            with (
-                self._guard,
-                database_errors("query audit trail", self._url),
-                self._engine.connect() as conn,
-            ):
+            with self._connection("query audit trail") as conn:
                 rows = conn.execute(statement).all()
             for row in rows:
                 yield ChainedEvent(int(row.seq), row.prev_hash, row.hash, _event(row))
@@ -567,11 +538,7 @@ class AuditStore:
                 .order_by(table.c.seq)
                 .limit(page)
             )
-            with (
-                self._guard,
-                database_errors("query audit trail", self._url),
-                self._engine.connect() as conn,
-            ):
+            with self._connection("query audit trail") as conn:
                 rows = conn.execute(statement).all()
             for row in rows:
                 yield _event(row)
@@ -583,11 +550,7 @@ class AuditStore:
 
     def count(self) -> int:
         statement = sa.select(sa.func.count()).select_from(audit_events_table)
-        with (
-            self._guard,
-            database_errors("count audit events", self._url),
-            self._engine.connect() as conn,
-        ):
+        with self._connection("count audit events") as conn:
             return int(conn.execute(statement).scalar_one())
 
     def close(self) -> None:
