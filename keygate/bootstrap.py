@@ -20,9 +20,12 @@ from keygate.keys.manager import KeyManager
 from keygate.keys.randomness import SystemRandom
 from keygate.keys.registry import Registry
 from keygate.policy.records import load_policies
+from keygate.policy.residency import ResidencyPolicy
+from keygate.providers.base import ProviderOptions
+from keygate.providers.guard import ProviderSet
 from keygate.service import Gateway
 
-__all__ = ["audit_keys", "build_gateway", "hsm_config", "open_registry"]
+__all__ = ["audit_keys", "build_gateway", "hsm_config", "open_registry", "provider_set"]
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +79,22 @@ def open_registry(settings: Settings, *, create: bool = False) -> tuple[Registry
     return registry, store
 
 
+def provider_set(settings: Settings) -> ProviderSet:
+    """The cloud KMS adapters with the residency policy and the retry/outage settings."""
+    path = settings.residency_file
+    if path is None and settings.policies_dir is not None:
+        path = settings.policies_dir / "residency.toml"
+    options = ProviderOptions(
+        connect_timeout_s=settings.provider_connect_timeout_s,
+        read_timeout_s=settings.provider_read_timeout_s,
+        retries=settings.provider_retries,
+        backoff_s=settings.provider_backoff_s,
+        backoff_max_s=settings.provider_backoff_max_s,
+        down_for_s=settings.provider_down_for_s,
+    )
+    return ProviderSet(options, ResidencyPolicy.load(path))
+
+
 def audit_keys(settings: Settings, hsm: Any, store: AuditStore) -> AuditKeys:
     """The checkpoint signing key and the pseudonym key of the audit trail (in the HSM)."""
     return AuditKeys(
@@ -91,19 +110,26 @@ def build_gateway(
     *,
     start_refresher: bool = True,
     instrument_hsm: Callable[[Any], Any] | None = None,
+    providers: ProviderSet | None = None,
 ) -> Gateway:
     """A ready Gateway.  The HSM connects lazily, so a missing token shows in /readyz.
 
-    ``instrument_hsm`` may wrap the HSM adapter the key manager calls (the API adds metrics).
+    ``instrument_hsm`` may wrap the HSM adapter the key manager calls (the API adds metrics);
+    ``providers`` replaces the cloud KMS adapters built from the settings and the environment.
     """
     registry, store = open_registry(settings, create=True)
     hsm = Pkcs11Hsm(hsm_config(settings))
+    if providers is None:
+        providers = provider_set(settings)
     keys = KeyManager(
         registry=registry,
         hsm=instrument_hsm(hsm) if instrument_hsm is not None else hsm,
         rng=SystemRandom(),
         max_plaintext=settings.max_plaintext_bytes,
         max_cached_keys=settings.max_cached_keys,
+        providers=providers,
+        outage_encrypt=settings.provider_outage_encrypt,
+        probe_interval=settings.provider_probe_interval_s,
     )
     if start_refresher:
         keys.start(settings.refresh_interval_s)
@@ -123,6 +149,7 @@ def build_gateway(
         audit=audit,
         audit_store=store,
         audit_keys=keys_for_audit,
+        providers=providers,
         policies=load_policies(settings.policies_dir),
         max_batch_items=settings.max_batch_items,
         default_dek_max_records=settings.dek_max_records,

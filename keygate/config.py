@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -74,11 +74,61 @@ class Settings(BaseSettings):
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0, le=86_400)
     audit_signing_key_label: str = "kg/audit-signing"
     audit_pseudonym_key_label: str = "kg/audit-pseudonym"
+    #: `keygate audit segments prune` deletes segments older than this (0: keep everything;
+    #: otherwise at least 365 days, keygate.audit.retention.MIN_RETENTION_DAYS)
+    audit_retention_days: int = Field(default=0, ge=0, le=36_500)
+    #: the audit trail is segmented by UTC "month" or "day"
+    audit_segment_period: Literal["month", "day"] = "month"
+    #: where segment archives are written (default: <data_dir>/audit-archive)
+    audit_archive_dir: Path | None = None
+
+    @field_validator("audit_retention_days")
+    @classmethod
+    def _retention_minimum(cls, v: int) -> int:
+        if 0 < v < 365:
+            raise ValueError("audit_retention_days must be 0 (keep everything) or at least 365")
+        return v
+
+    # cloud KMS providers (outer wrap); each adapter reads its own KEYGATE_<PROVIDER>_* settings
+    provider_connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    provider_read_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: retries of transient provider failures, with exponential backoff and full jitter
+    provider_retries: int = Field(default=3, ge=0, le=10)
+    provider_backoff_s: float = Field(default=0.2, gt=0, le=10)
+    provider_backoff_max_s: float = Field(default=2.0, gt=0, le=60)
+    #: after the retries are spent a provider key counts as down for this long (503 at once)
+    provider_down_for_s: float = Field(default=5.0, gt=0, le=600)
+    #: how often a gateway asks the provider keys it uses whether they are still enabled (0: never)
+    provider_probe_interval_s: float = Field(default=30.0, ge=0, le=3600)
+    #: while a provider key is down: "refuse" encrypts (fail closed; default) or keep using the
+    #: "cached" active DEK within its limits.  Decrypt always goes on from the DEK cache.
+    provider_outage_encrypt: Literal["refuse", "cached"] = "refuse"
+    #: residency policy file (default: residency.toml in the policy directory)
+    residency_file: Path | None = None
+
+    # dual control (keygate.custody; docs/dual-control.md)
+    #: approvals (M) a sensitive change needs, out of the enrolled custodians (N)
+    custody_quorum: int = Field(default=2, ge=1, le=16)
+    #: allow custody_quorum = 1 (one custodian acts alone): development and demos only
+    custody_allow_single_custodian: bool = False
+    #: seconds a dual-control request waits for its approvals before it expires
+    custody_request_ttl_s: float = Field(default=86_400.0, ge=60, le=30 * 86_400)
+    #: days between an approved key destruction and the destruction (cancellable meanwhile)
+    custody_destruction_wait_days: int = Field(default=7, ge=7, le=30)
 
     @field_validator("hsm_mechanism", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _dual_control(self) -> Settings:
+        if self.custody_quorum < 2 and not self.custody_allow_single_custodian:
+            raise ValueError(
+                "custody_quorum must be at least 2 (set custody_allow_single_custodian for the "
+                "single-custodian development mode)"
+            )
+        return self
 
     @property
     def registry_url(self) -> str:

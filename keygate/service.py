@@ -12,6 +12,7 @@ import hashlib
 import json
 import secrets
 import struct
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from keygate.policy.access import (
 )
 from keygate.policy.records import RecordPolicy, Treatment, is_valid_record_type
 from keygate.policy.tenants import validate_tenant
+from keygate.providers.base import ProviderKeyDisabled
 
 __all__ = ["BatchResult", "Gateway", "ReadinessReport"]
 
@@ -100,9 +102,11 @@ class Gateway:
         audit_store: Any,
         policies: Mapping[str, RecordPolicy],
         audit_keys: Any = None,
+        providers: Any = None,
         max_batch_items: int = 10_000,
         default_dek_max_records: int = 1 << 20,
         default_dek_max_age_s: float = 600.0,
+        dual_control: Any = None,
     ) -> None:
         self.registry = registry
         self.hsm = hsm
@@ -111,10 +115,20 @@ class Gateway:
         self.audit_store = audit_store
         #: the audit trail's HSM keys (checkpoints, record-id pseudonyms); None = no pseudonyms
         self.audit_keys = audit_keys
+        #: the cloud KMS adapters (:class:`keygate.providers.guard.ProviderSet`); None: HSM only
+        self.providers = providers
         self.policies = dict(policies)
         self.max_batch_items = max_batch_items
         self.default_dek_max_records = default_dek_max_records
         self.default_dek_max_age_s = default_dek_max_age_s
+        #: :class:`keygate.custody.guard.DualControlGuard`: refuses direct sensitive changes
+        #: once dual control is on; None = no dual control
+        self.dual_control = dual_control
+
+    def _direct(self, change: str, **params: Any) -> None:
+        """Refuse a direct sensitive change while dual control is on (keygate.custody)."""
+        if self.dual_control is not None:
+            self.dual_control.check_direct(change, **params)
 
     # ------------------------------------------------------------------ audit helpers
     @contextmanager
@@ -673,6 +687,134 @@ class Gateway:
         self.keys.refresh(force=True)
         return rec
 
+    # ------------------------------------------------------------------ providers (outer wrap)
+    def _need_providers(self) -> Any:
+        if self.providers is None:
+            raise ConfigurationError("this gateway has no provider adapters configured")
+        return self.providers
+
+    def _checked_provider_key(self, tenant: str, purpose: str, uri: str) -> Any:
+        """Residency, then a real round trip: a key that cannot wrap is never configured."""
+        providers = self._need_providers()
+        key = providers.check(uri)
+        status = providers.describe(uri)
+        if not status.enabled:
+            raise ProviderKeyDisabled(f"provider key {uri} is {status.state}")
+        probe = secrets.token_bytes(60)
+        aad = f"keygate/v1 probe\x00{tenant}\x00{purpose}".encode()
+        if providers.unwrap(uri, providers.wrap(uri, probe, aad=aad), aad=aad) != probe:
+            raise DecryptionFailed(f"provider key {uri} did not give back what it wrapped")
+        return key
+
+    def provider_set(self, actor: str, tenant: str, purpose: str, uri: str) -> list[Any]:
+        """Give tenant × purpose its (first) provider key: new DEKs get the outer wrap."""
+        with self._audited(
+            "provider.set",
+            actor,
+            _rid(),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
+            detail={"provider": _uri(uri)},
+        ):
+            self._direct("provider.set", tenant=tenant, purpose=purpose)
+            validate_tenant(tenant)
+            validate_purpose(purpose)
+            key = self._checked_provider_key(tenant, purpose, uri)
+            recs = self.registry.switch_provider_key(
+                tenant, purpose, key.uri, scheme=key.scheme, region=key.region, first=True
+            )
+        self.keys.refresh(force=True)
+        return list(recs)
+
+    def provider_migrate(self, actor: str, tenant: str, purpose: str, uri: str | None) -> list[Any]:
+        """Switch tenant × purpose to another provider key (``None``: the HSM layer alone).
+
+        New DEKs are wrapped by the new key at once; existing ciphertexts move by rewrap (the
+        API's ``/v1/rewrap/batch`` or ``keygate bulk rewrap``) — a header rewrite, no
+        re-encryption.  The old key keeps unwrapping until :meth:`provider_finish`.
+        """
+        current = None
+        snap = self.keys.snapshot
+        if _tenant(tenant) and _purpose(purpose):
+            prov = snap.active_provider(tenant, purpose)
+            current = prov.uri if prov is not None else None
+        with self._audited(
+            "provider.migrated",
+            actor,
+            _rid(),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
+            detail={"from_provider": current or "hsm-only", "to_provider": _uri(uri) or "hsm-only"},
+        ):
+            self._direct("provider.migrated", tenant=tenant, purpose=purpose)
+            validate_tenant(tenant)
+            validate_purpose(purpose)
+            if uri is None:
+                recs = self.registry.switch_provider_key(tenant, purpose, None)
+            else:
+                key = self._checked_provider_key(tenant, purpose, uri)
+                recs = self.registry.switch_provider_key(
+                    tenant, purpose, key.uri, scheme=key.scheme, region=key.region
+                )
+        self.keys.refresh(force=True)
+        return list(recs)
+
+    def provider_finish(self, actor: str, tenant: str, purpose: str) -> list[Any]:
+        """End a migration: the old provider keys are retired (never called again)."""
+        with self._audited(
+            "provider.migration_finished",
+            actor,
+            _rid(),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
+        ) as a:
+            self._direct("provider.migration_finished", tenant=tenant, purpose=purpose)
+            validate_tenant(tenant)
+            validate_purpose(purpose)
+            recs = self.registry.finish_provider_migration(tenant, purpose)
+            a["detail"] = {"retired": ", ".join(r.uri for r in recs)[:1024]}
+        self.keys.refresh(force=True)
+        return list(recs)
+
+    def provider_test(self, actor: str, tenant: str, purpose: str, uri: str) -> dict[str, Any]:
+        """A health report of one provider key: residency, metadata, a timed round trip."""
+        report: dict[str, Any] = {"uri": uri}
+        with self._audited(
+            "provider.tested",
+            actor,
+            _rid(),
+            tenant=_tenant(tenant),
+            purpose=_purpose(purpose),
+            detail={"provider": _uri(uri)},
+        ):
+            validate_tenant(tenant)
+            validate_purpose(purpose)
+            providers = self._need_providers()
+            key = providers.check(uri)
+            report.update(scheme=key.scheme, region=key.region, residency="ok")
+            t0 = time.perf_counter()
+            status = providers.describe(uri)
+            report.update(
+                describe_ms=round((time.perf_counter() - t0) * 1000, 1),
+                state=status.state,
+                enabled=status.enabled,
+                algorithm=status.algorithm,
+                reported_region=status.region,
+            )
+            probe = secrets.token_bytes(60)
+            aad = f"keygate/v1 probe\x00{tenant}\x00{purpose}".encode()
+            t0 = time.perf_counter()
+            wrapped = providers.wrap(uri, probe, aad=aad)
+            report["wrap_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            t0 = time.perf_counter()
+            back = providers.unwrap(uri, wrapped, aad=aad)
+            report["unwrap_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            report["wrapped_bytes"] = len(wrapped)
+            if back != probe:
+                raise DecryptionFailed(f"provider key {uri} did not give back what it wrapped")
+            report["round_trip"] = "ok"
+        return report
+
     # ------------------------------------------------------------------ operations
     def readiness(self) -> ReadinessReport:
         checks: dict[str, str] = {}
@@ -688,7 +830,32 @@ class Gateway:
                 checks[name] = f"unavailable: {exc.detail}"
             except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
                 checks[name] = f"unavailable: {type(exc).__name__}"
+        checks.update(self._provider_checks())
         return ReadinessReport(all(v == "ok" for v in checks.values()), checks)
+
+    def _provider_checks(self) -> dict[str, str]:
+        """``provider <uri>`` → ok / unavailable, for every active provider key and every key
+        this process holds DEKs under (probed at most every probe interval)."""
+        if self.providers is None:
+            return {}
+        try:
+            self.keys.probe_providers()
+        except Exception:  # noqa: BLE001 - readiness reports, never raises
+            log.warning("readiness.probe_failed")
+        uris = self.keys.provider_uris_in_use()
+        for recs in self.keys.snapshot.providers.values():
+            uris.update(r.uri for r in recs if r.state.value == "active")
+        checks: dict[str, str] = {}
+        for uri in sorted(uris):
+            health = self.providers.guard(uri).health()
+            if health.ok:
+                checks[f"provider {uri}"] = "ok"
+            else:
+                last = self.providers.guard(uri).last_error
+                checks[f"provider {uri}"] = "unavailable: " + (
+                    last.detail if last is not None else health.error
+                )
+        return checks
 
     def _audit_probe(self) -> None:
         self.audit_store.ping()
@@ -698,7 +865,9 @@ class Gateway:
     def close(self) -> None:
         self.keys.stop()
         self.audit.close()
-        for thing in (self.hsm, self.registry, self.audit_store):
+        for thing in (self.hsm, self.registry, self.audit_store, self.providers):
+            if thing is None:
+                continue
             try:
                 thing.close()
             except Exception:  # noqa: BLE001, S112 - closing is best effort
@@ -739,6 +908,11 @@ def _purpose(value: object) -> str | None:
         return validate_purpose(value)
     except GatewayError:
         return None
+
+
+def _uri(value: object) -> str | None:
+    """A provider key URI for an audit field (bounded; None if not a string)."""
+    return value[:512] if isinstance(value, str) else None
 
 
 def _rid() -> str:

@@ -274,7 +274,11 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
         request.scope.setdefault("state", {})["error_code"] = exc.code
         obj = error_object(exc)
         return problem_response(
-            obj["code"], obj["detail"], request_id(request), retry_after=exc.retry_after
+            obj["code"],
+            obj["detail"],
+            request_id(request),
+            retry_after=exc.retry_after,
+            reason=obj.get("reason"),
         )
 
     @app.exception_handler(RequestValidationError)

@@ -57,13 +57,19 @@ def error_object(exc: GatewayError) -> dict[str, Any]:
     detail = exc.detail
     if exc.code == "CONFIGURATION":
         detail = "the gateway is not configured correctly; see its logs"
-    return {
+    obj = {
         "type": TYPE_BASE + code.lower().replace("_", "-"),
         "title": TITLE_BY_CODE.get(code, exc.title),
         "status": STATUS_BY_CODE.get(code, 500),
         "code": code,
         "detail": detail,
     }
+    # An extension member: which of several causes behind one code (provider-credentials,
+    # provider-key-disabled, provider-timeout, residency …).  Clients may ignore it.
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason:
+        obj["reason"] = reason
+    return obj
 
 
 def problem_response(
@@ -73,6 +79,7 @@ def problem_response(
     *,
     retry_after: float | None = None,
     headers: dict[str, str] | None = None,
+    reason: str | None = None,
 ) -> Response:
     code = _public_code(code)
     status = STATUS_BY_CODE.get(code, 500)
@@ -84,6 +91,8 @@ def problem_response(
         "detail": detail,
         "request_id": request_id,
     }
+    if reason:
+        body["reason"] = reason
     h = dict(headers or {})
     if retry_after is not None:
         h["Retry-After"] = str(max(1, round(retry_after)))

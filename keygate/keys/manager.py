@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -33,6 +33,7 @@ from keygate.core.errors import (
     NotFound,
     PayloadTooLarge,
     ProviderRejected,
+    ProviderUnavailable,
 )
 from keygate.core.model import AlgorithmSuite, KeyRef, KeyState
 from keygate.core.ports import KeyWrapper, RandomSource
@@ -47,6 +48,11 @@ from keygate.core.wire import (
     split_text_header,
     to_text,
 )
+from keygate.keys.registry import ProviderKeyState
+from keygate.providers.base import ProviderKeyDisabled, outer_wrap_aad
+
+if TYPE_CHECKING:
+    from keygate.providers.guard import ProviderSet
 
 __all__ = ["KeyManager", "KeyStats"]
 
@@ -67,6 +73,8 @@ class KeyStats:
     deks_created: int = 0
     hsm_wraps: int = 0
     hsm_unwraps: int = 0
+    provider_wraps: int = 0
+    provider_unwraps: int = 0
 
 
 class _Active:
@@ -132,9 +140,22 @@ class KeyManager:
         clock: Callable[[], float] = time.monotonic,
         max_plaintext: int = 64 * 1024,
         max_cached_keys: int = 100_000,
+        providers: ProviderSet | None = None,
+        outage_encrypt: str = "refuse",
+        probe_interval: float = 30.0,
     ) -> None:
+        if outage_encrypt not in ("refuse", "cached"):
+            raise ValueError("outage_encrypt is 'refuse' or 'cached'")
         self._registry = registry
         self._hsm = hsm
+        #: the cloud KMS adapters (outer wrap); None: this gateway only reads HSM-only envelopes
+        self._providers = providers
+        self._outage_encrypt = outage_encrypt
+        self._probe_interval = probe_interval
+        self._next_probe = 0.0
+        #: per tenant × purpose, serialises the making of a new DEK (HSM and provider calls are
+        #: made under it, not under the manager-wide lock)
+        self._making: dict[tuple[str, str], threading.Lock] = {}
         self._rng = rng
         self._clock = clock
         self.max_plaintext = max_plaintext
@@ -152,6 +173,8 @@ class KeyManager:
         self.stats = KeyStats()
         self.last_refresh_error: str | None = None
         self.on_refresh: list[Callable[[KeyManager], None]] = []
+        if providers is not None:
+            providers.listeners.append(self._on_provider_trouble)
 
     # ------------------------------------------------------------------ registry view
     @property
@@ -184,12 +207,24 @@ class KeyManager:
             t = snap.tenants.get(tenant)  # type: ignore[attr-defined]
             return t is not None and t.enabled
 
+        def provider_current(k: tuple[str, str], a: _Active) -> bool:
+            prov = snap.active_provider(*k)  # type: ignore[attr-defined]
+            return _provider_uri(a.key.chain) == (prov.uri if prov is not None else None)
+
+        def provider_usable(o: _Opened) -> bool:
+            uri = _provider_uri(o.key.chain)
+            if uri is None:
+                return True
+            rec = snap.provider_key(o.tenant, o.purpose, uri)  # type: ignore[attr-defined]
+            return rec is not None and rec.state is not ProviderKeyState.RETIRED
+
         self._active = {
             k: a
             for k, a in self._active.items()
             if tenant_ok(k[0])
             and version_state(a.key.key_ref) is KeyState.ACTIVE
             and self._limits_unchanged(snap, k, a)
+            and provider_current(k, a)
         }
         self._opened = {
             h: o
@@ -197,6 +232,7 @@ class KeyManager:
             if tenant_ok(o.tenant)
             and (st := version_state(o.key.key_ref)) is not None
             and st.can_decrypt
+            and provider_usable(o)
         }
         self._rewrap = {}
         self._rewrap_text = {}
@@ -227,6 +263,7 @@ class KeyManager:
                 try:
                     self.refresh()
                     self.last_refresh_error = None
+                    self.probe_providers()
                 except GatewayError as exc:
                     self.last_refresh_error = exc.code
                     log.warning("registry.refresh_failed", code=exc.code)
@@ -315,8 +352,15 @@ class KeyManager:
         raise KeyNotUsable(f"{tenant}/{purpose} has no active key version")
 
     def _new_active(self, tenant: str, purpose: str, seen: _Active | None) -> _Active:
+        k = (tenant, purpose)
         with self._lock:
-            cur = self._active.get((tenant, purpose))
+            making = self._making.get(k)
+            if making is None:
+                making = self._making.setdefault(k, threading.Lock())
+        # One thread makes the new DEK of tenant × purpose (the others wait for it and use it);
+        # its HSM and provider calls do not hold up other tenants.
+        with making:
+            cur = self._active.get(k)
             if (
                 cur is not None
                 and cur is not seen
@@ -324,30 +368,148 @@ class KeyManager:
                 and next(cur.counter) < cur.max_records
             ):
                 return cur
+            snap = self._snap
             rec = self._active_record(tenant, purpose)
-            limits = self._snap.keys[(tenant, purpose)]
+            limits = snap.keys[k]
+            prov = snap.active_provider(tenant, purpose)
+            if prov is not None:
+                self._provider_ready(prov.uri)
             ref = KeyRef(tenant, purpose, rec.version)  # type: ignore[attr-defined]
             dek = self._rng.dek()
-            mechanism, wrapped = self._hsm.wrap_dek(
-                rec.hsm_label,  # type: ignore[attr-defined]
-                dek,
-                aad=inner_wrap_aad(ref),
-            )
-            self.stats.hsm_wraps += 1
+            key = self._wrap_new(dek, ref, rec, None if prov is None else prov.uri)
             self.stats.deks_created += 1
-            key = DataKey(
-                dek, suite=SUITE, key_ref=ref, chain=(WrapLayer(mechanism),), wrapped_dek=wrapped
-            )
             now = self._clock()
             prefix = aad_prefix(SUITE, tenant, purpose)
             active = _Active(
                 key, prefix, int(limits.dek_max_records), now, now + float(limits.dek_max_age_s)
             )
             next(active.counter)
-            self._active[(tenant, purpose)] = active
-            self._remember(key, limits, now)
+            with self._lock:
+                if self._snap is not snap and not self._still_current(tenant, purpose, key):
+                    # the registry changed while the DEK was being wrapped: try again
+                    raise ProviderUnavailable(
+                        f"{tenant}/{purpose}: the key configuration changed; retry", retry_after=1
+                    )
+                self._active[k] = active
+                self._remember(key, limits, now)
             log.debug("dek.created", tenant=tenant, purpose=purpose, key_version=ref.version)
             return active
+
+    def _still_current(self, tenant: str, purpose: str, key: DataKey) -> bool:
+        snap = self._snap
+        rec = self._version(snap, key.key_ref)
+        prov = snap.active_provider(tenant, purpose)
+        return (
+            rec is not None
+            and rec.state is KeyState.ACTIVE
+            and _provider_uri(key.chain) == (prov.uri if prov is not None else None)
+        )
+
+    def _wrap_new(self, dek: bytes, ref: KeyRef, rec: object, provider_uri: str | None) -> DataKey:
+        """Wrap ``dek`` by the KEK version ``rec`` (HSM) and then by the provider key, if any."""
+        mechanism, wrapped = self._hsm.wrap_dek(
+            rec.hsm_label,  # type: ignore[attr-defined]
+            dek,
+            aad=inner_wrap_aad(ref),
+        )
+        self.stats.hsm_wraps += 1
+        chain: tuple[WrapLayer, ...] = (WrapLayer(mechanism),)
+        if provider_uri is not None:
+            providers = self._need_providers()
+            wrapped = providers.wrap(
+                provider_uri, wrapped, aad=outer_wrap_aad(ref.tenant, ref.purpose, ref.version)
+            )
+            self.stats.provider_wraps += 1
+            chain = (
+                WrapLayer(mechanism),
+                WrapLayer(providers.mechanism_of(provider_uri), provider_uri.encode("ascii")),
+            )
+        return DataKey(dek, suite=SUITE, key_ref=ref, chain=chain, wrapped_dek=wrapped)
+
+    def _need_providers(self) -> ProviderSet:
+        if self._providers is None:
+            raise ProviderRejected(
+                "this gateway has no provider adapters configured (the key uses a cloud KMS)"
+            )
+        return self._providers
+
+    def _provider_ready(self, uri: str) -> None:
+        """Fail fast (503) while the provider key is known to be down."""
+        providers = self._need_providers()
+        guard = providers.guard(uri)
+        if guard.down:
+            last = guard.last_error
+            raise ProviderUnavailable(
+                f"provider key {uri} is unavailable"
+                + (f" ({last.detail})" if last is not None else ""),
+                retry_after=max(1.0, guard.health().down_for_s),
+            )
+
+    # ------------------------------------------------------------------ provider trouble
+    def _on_provider_trouble(self, uri: str, exc: GatewayError) -> None:
+        """A provider key went down, or refused us for good: stop using what depends on it.
+
+        Down (transient): encrypt fails closed — the active DEKs wrapped by that key are dropped,
+        so the next encrypt asks the provider and gets 503 — unless ``outage_encrypt`` is
+        ``cached``.  Decrypt goes on from the unwrapped-DEK cache within its limits.
+        Disabled, destroyed or credentials refused (permanent): every cached DEK under that key
+        is dropped, for decrypt too: the provider's kill switch works within one call.
+        """
+        reason = getattr(exc, "reason", "")
+        permanent = reason in (
+            "provider-key-disabled",
+            "provider-key-destroyed",
+            "provider-credentials",
+        )
+        if not permanent and self._outage_encrypt == "cached":
+            return
+        with self._lock:
+            self._active = {
+                k: a for k, a in self._active.items() if _provider_uri(a.key.chain) != uri
+            }
+            if permanent:
+                self._opened = {
+                    h: o for h, o in self._opened.items() if _provider_uri(o.key.chain) != uri
+                }
+                self._rewrap = {}
+                self._rewrap_text = {}
+        log.warning("provider.cache_dropped", provider=uri, reason=reason or exc.code)
+
+    def provider_uris_in_use(self) -> set[str]:
+        """Provider keys this process holds DEKs under (active or cached)."""
+        uris = {_provider_uri(a.key.chain) for a in list(self._active.values())}
+        uris |= {_provider_uri(o.key.chain) for o in list(self._opened.values())}
+        uris.discard(None)
+        return uris  # type: ignore[return-value]
+
+    def probe_providers(self, *, force: bool = False) -> None:
+        """Ask each provider key in use whether it is still there and enabled (``describe``).
+
+        Run by the refresher every ``probe_interval`` seconds: it is how a provider outage, or a
+        provider key disabled by its custodian, reaches a gateway that has everything cached.
+        """
+        if self._providers is None or (self._probe_interval <= 0 and not force):
+            return
+        now = self._clock()
+        if not force and now < self._next_probe:
+            return
+        self._next_probe = now + self._probe_interval
+        snap = self._snap
+        uris = self.provider_uris_in_use()
+        for recs in snap.providers.values():
+            uris.update(r.uri for r in recs if r.state is ProviderKeyState.ACTIVE)
+        for uri in sorted(uris):
+            guard = self._providers.guard(uri)
+            if guard.down and not force:
+                continue  # fails fast until its window ends; the next probe is the half-open try
+            try:
+                status = self._providers.describe(uri)
+            except GatewayError:
+                continue  # the guard recorded it and told the listeners
+            if not status.enabled:
+                self._on_provider_trouble(
+                    uri, ProviderKeyDisabled(f"provider key {uri} is {status.state}")
+                )
 
     def _remember(self, key: DataKey, limits: object, now: float) -> _Opened:
         opened = _Opened(
@@ -453,12 +615,18 @@ class KeyManager:
             raise KeyDestroyed(f"key version {ref} has been destroyed")
         if not state.can_decrypt:
             raise KeyNotUsable(f"key version {ref} is {state.value}")
-        if len(header.chain) != 1:
-            raise ProviderRejected("this gateway has no adapter for the envelope's outer wrap")
+        chain = header.chain
+        if not chain[0].mechanism.is_hsm:
+            raise DecryptionFailed()
+        wrapped = header.wrapped_dek
+        if len(chain) == 2 and not chain[1].mechanism.is_hsm:
+            wrapped = self._outer_unwrap(ref, chain[1], wrapped)
+        elif len(chain) != 1:
+            raise DecryptionFailed()
         dek = self._hsm.unwrap_dek(
             rec.hsm_label,
-            header.chain[0].mechanism,
-            header.wrapped_dek,
+            chain[0].mechanism,
+            wrapped,
             aad=inner_wrap_aad(ref),
         )
         self.stats.hsm_unwraps += 1
@@ -468,6 +636,32 @@ class KeyManager:
         limits = snap.keys[(tenant, purpose)]
         with self._lock:
             return self._remember(key, limits, self._clock())
+
+    def _outer_unwrap(self, ref: KeyRef, layer: WrapLayer, wrapped: bytes) -> bytes:
+        """Undo the provider layer.  Only a provider key the registry names for this tenant ×
+        purpose is ever called: a header cannot make keygate talk to a key (or host) of its
+        choosing."""
+        providers = self._need_providers()
+        try:
+            uri = layer.key_id.decode("ascii")
+        except UnicodeDecodeError:
+            raise DecryptionFailed() from None
+        rec = self._snap.provider_key(ref.tenant, ref.purpose, uri)
+        if rec is None:
+            log.info("decrypt.unknown_provider_key", tenant=ref.tenant, purpose=ref.purpose)
+            raise DecryptionFailed()
+        if rec.state is ProviderKeyState.RETIRED:
+            raise KeyNotUsable(
+                f"provider key {uri} of {ref.tenant}/{ref.purpose} is retired "
+                "(its migration was finished)"
+            )
+        if providers.mechanism_of(uri) != layer.mechanism:
+            raise DecryptionFailed()
+        inner = providers.unwrap(
+            uri, wrapped, aad=outer_wrap_aad(ref.tenant, ref.purpose, ref.version)
+        )
+        self.stats.provider_unwraps += 1
+        return inner
 
     # ------------------------------------------------------------------ rewrap
     # The rewrap map goes from an old header to the header of the same DEK under the active key
@@ -568,7 +762,7 @@ class KeyManager:
         if isinstance(result, GatewayError):
             raise result
         self.stats.records_rewrapped -= 1  # counted by the caller
-        h = envelope[2] << 8 | envelope[3]
+        h = result[2] << 8 | result[3]  # the new header's length: a new wrap may change it
         new = to_text(result[:h])[len(TEXT_PREFIX) :]
         cache = self._rewrap_text.setdefault((tenant, purpose), {})
         if len(cache) >= self._max_cached:
@@ -583,22 +777,18 @@ class KeyManager:
         key = self.open_key(tenant, purpose, envelope)
         rec = self._active_record(tenant, purpose)
         version: int = rec.version  # type: ignore[attr-defined]
-        if key.key_ref.version == version and len(key.chain) == 1:
+        prov = self._snap.active_provider(tenant, purpose)
+        target_uri = None if prov is None else prov.uri
+        if key.key_ref.version == version and _provider_uri(key.chain) == target_uri:
             new_header = key.header
         else:
-            ref = KeyRef(tenant, purpose, version)
-            mechanism, wrapped = self._hsm.wrap_dek(
-                rec.hsm_label,  # type: ignore[attr-defined]
+            if target_uri is not None:
+                self._provider_ready(target_uri)
+            new_key = self._wrap_new(
                 key.dek_for_rewrap(REWRAP_CAPABILITY),
-                aad=inner_wrap_aad(ref),
-            )
-            self.stats.hsm_wraps += 1
-            new_key = DataKey(
-                key.dek_for_rewrap(REWRAP_CAPABILITY),
-                suite=key.suite,
-                key_ref=ref,
-                chain=(WrapLayer(mechanism),),
-                wrapped_dek=wrapped,
+                KeyRef(tenant, purpose, version),
+                rec,
+                target_uri,
             )
             with self._lock:
                 self._remember(new_key, self._snap.keys[(tenant, purpose)], self._clock())
@@ -608,3 +798,10 @@ class KeyManager:
             m.clear()  # bounded: hostile or huge inputs cannot grow it without limit
         m[envelope[:h]] = new_header
         return new_header
+
+
+def _provider_uri(chain: tuple[WrapLayer, ...]) -> str | None:
+    """The provider key URI of a wrap chain (its outer layer), or None for HSM-only chains."""
+    if len(chain) < 2:
+        return None
+    return chain[-1].key_id.decode("ascii", "replace")

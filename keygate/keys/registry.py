@@ -37,8 +37,9 @@ import math
 import threading
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -57,6 +58,8 @@ __all__ = [
     "IdentityRecord",
     "KeyRecord",
     "KeyVersionRecord",
+    "ProviderKeyRecord",
+    "ProviderKeyState",
     "Registry",
     "RegistrySnapshot",
     "TenantRecord",
@@ -272,6 +275,36 @@ class KeyVersionRecord:
     updated_at: datetime
 
 
+class ProviderKeyState(StrEnum):
+    """A provider (cloud KMS) key's role for its tenant × purpose."""
+
+    #: new DEKs are wrapped by it (at most one per tenant × purpose)
+    ACTIVE = "active"
+    #: a migration moved away from it: it still unwraps existing ciphertexts until the migration
+    #: is finished
+    DECRYPT_ONLY = "decrypt-only"
+    #: the migration is finished: keygate never calls it again for this tenant × purpose
+    RETIRED = "retired"
+
+
+#: the longest provider key URI (the envelope's key-id bound)
+MAX_PROVIDER_URI_LEN: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKeyRecord:
+    """A cloud KMS key that wraps (outer layer) the DEKs of one tenant × purpose."""
+
+    tenant: str
+    purpose: str
+    uri: str
+    scheme: str
+    region: str
+    state: ProviderKeyState
+    created_at: datetime
+    updated_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityRecord:
     """A service identity.  ``"*"`` in a scope set means any value."""
@@ -301,6 +334,20 @@ class RegistrySnapshot:
     versions: dict[tuple[str, str], tuple[KeyVersionRecord, ...]]
     #: active (not revoked) identities only
     identities_by_hash: dict[str, IdentityRecord]
+    #: per tenant × purpose, its provider keys (any state), oldest first
+    providers: dict[tuple[str, str], tuple[ProviderKeyRecord, ...]] = field(default_factory=dict)
+
+    def active_provider(self, tenant: str, purpose: str) -> ProviderKeyRecord | None:
+        for rec in self.providers.get((tenant, purpose), ()):
+            if rec.state is ProviderKeyState.ACTIVE:
+                return rec
+        return None
+
+    def provider_key(self, tenant: str, purpose: str, uri: str) -> ProviderKeyRecord | None:
+        for rec in self.providers.get((tenant, purpose), ()):
+            if rec.uri == uri:
+                return rec
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +421,36 @@ identities_table: Final = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("revoked_at", UTCDateTime(), nullable=True),
     sa.UniqueConstraint("token_hash", name="uq_kg_identities_token_hash"),
+)
+
+provider_keys_table: Final = sa.Table(
+    "kg_provider_keys",
+    metadata,
+    sa.Column("tenant", sa.String(MAX_ID_LEN), primary_key=True),
+    sa.Column("purpose", sa.String(MAX_ID_LEN), primary_key=True),
+    sa.Column("uri", sa.String(MAX_PROVIDER_URI_LEN), primary_key=True),
+    sa.Column("scheme", sa.String(32), nullable=False),
+    sa.Column("region", sa.String(255), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.ForeignKeyConstraint(
+        ["tenant", "purpose"],
+        ["kg_keys.tenant", "kg_keys.purpose"],
+        name="fk_kg_provider_keys_key",
+    ),
+    sa.CheckConstraint(
+        "state IN ('active', 'decrypt-only', 'retired')", name="ck_kg_provider_keys_state"
+    ),
+)
+# At most one active provider key per tenant × purpose.
+sa.Index(
+    "uq_kg_provider_keys_one_active",
+    provider_keys_table.c.tenant,
+    provider_keys_table.c.purpose,
+    unique=True,
+    sqlite_where=sa.text("state = 'active'"),
+    postgresql_where=sa.text("state = 'active'"),
 )
 
 meta_table: Final = sa.Table(
@@ -463,6 +540,19 @@ def _version(row: sa.Row[Any]) -> KeyVersionRecord:
         version=int(row.version),
         state=KeyState(row.state),
         hsm_label=row.hsm_label,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _provider_key(row: sa.Row[Any]) -> ProviderKeyRecord:
+    return ProviderKeyRecord(
+        tenant=row.tenant,
+        purpose=row.purpose,
+        uri=row.uri,
+        scheme=row.scheme,
+        region=row.region,
+        state=ProviderKeyState(row.state),
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -605,12 +695,24 @@ class Registry:
                     ),
                 )
             }
+            providers: dict[tuple[str, str], list[ProviderKeyRecord]] = {}
+            for row in conn.execute(
+                sa.select(provider_keys_table).order_by(
+                    provider_keys_table.c.tenant,
+                    provider_keys_table.c.purpose,
+                    provider_keys_table.c.created_at,
+                    provider_keys_table.c.uri,
+                )
+            ):
+                prov = _provider_key(row)
+                providers.setdefault((prov.tenant, prov.purpose), []).append(prov)
         return RegistrySnapshot(
             generation=int(generation),
             tenants=tenants,
             keys=keys,
             versions={k: tuple(v) for k, v in grouped.items()},
             identities_by_hash=identities,
+            providers={k: tuple(v) for k, v in providers.items()},
         )
 
     # -- tenants ----------------------------------------------------------------------------
@@ -938,6 +1040,128 @@ class Registry:
         with self._read("list identities") as conn:
             rows = conn.execute(sa.select(identities_table).order_by(identities_table.c.name)).all()
         return [_identity(r) for r in rows]
+
+    # -- provider keys (outer wrap) ---------------------------------------------------------
+
+    def list_provider_keys(
+        self, tenant: str | None = None, purpose: str | None = None
+    ) -> list[ProviderKeyRecord]:
+        query = sa.select(provider_keys_table).order_by(
+            provider_keys_table.c.tenant,
+            provider_keys_table.c.purpose,
+            provider_keys_table.c.created_at,
+            provider_keys_table.c.uri,
+        )
+        if tenant is not None:
+            query = query.where(provider_keys_table.c.tenant == tenant)
+        if purpose is not None:
+            query = query.where(provider_keys_table.c.purpose == purpose)
+        with self._read("list provider keys") as conn:
+            rows = conn.execute(query).all()
+        return [_provider_key(r) for r in rows]
+
+    def switch_provider_key(
+        self,
+        tenant: str,
+        purpose: str,
+        uri: str | None,
+        *,
+        scheme: str = "",
+        region: str = "",
+        first: bool = False,
+    ) -> list[ProviderKeyRecord]:
+        """Make ``uri`` the active provider key of tenant × purpose (``None``: HSM layer only).
+
+        The previous active key becomes decrypt-only (it keeps unwrapping existing ciphertexts
+        until :meth:`finish_provider_migration`).  With ``first=True`` (``keygate provider set``)
+        the call is refused if a provider key is already active.  A key already known to
+        tenant × purpose (decrypt-only or retired) may be made active again.  Returns the
+        tenant × purpose's provider keys after the change.
+        """
+        what = f"set provider key of {tenant}/{purpose}"
+        if uri is not None:
+            _check_text("provider key URI", uri, MAX_PROVIDER_URI_LEN)
+            _check_text("provider scheme", scheme, 32)
+            _check_text("provider region", region, 255)
+        now = _now()
+        table = provider_keys_table
+        mine = (table.c.tenant == tenant, table.c.purpose == purpose)
+        with self._write(what) as conn:
+            if self._key_row(conn, tenant, purpose) is None:
+                raise NotFound(f"key {tenant}/{purpose} not found")
+            active = conn.execute(
+                sa.select(table).where(*mine, table.c.state == ProviderKeyState.ACTIVE.value)
+            ).first()
+            if active is not None and first:
+                raise InvalidRequest(
+                    f"{tenant}/{purpose} already has the provider key {active.uri}; "
+                    "moving to another key is a migration: keygate provider migrate"
+                )
+            if active is None and uri is None:
+                raise InvalidRequest(f"{tenant}/{purpose} has no active provider key")
+            if active is not None and active.uri == uri:
+                raise InvalidRequest(
+                    f"{uri} is already the active provider key of {tenant}/{purpose}"
+                )
+            if active is not None:
+                conn.execute(
+                    sa.update(table)
+                    .where(*mine, table.c.uri == active.uri)
+                    .values(state=ProviderKeyState.DECRYPT_ONLY.value, updated_at=now)
+                )
+            if uri is not None:
+                known = conn.execute(sa.select(table).where(*mine, table.c.uri == uri)).first()
+                if known is None:
+                    conn.execute(
+                        sa.insert(table).values(
+                            tenant=tenant,
+                            purpose=purpose,
+                            uri=uri,
+                            scheme=scheme,
+                            region=region,
+                            state=ProviderKeyState.ACTIVE.value,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                else:
+                    conn.execute(
+                        sa.update(table)
+                        .where(*mine, table.c.uri == uri)
+                        .values(state=ProviderKeyState.ACTIVE.value, updated_at=now)
+                    )
+            rows = conn.execute(sa.select(table).where(*mine).order_by(table.c.created_at)).all()
+        return [_provider_key(r) for r in rows]
+
+    def finish_provider_migration(self, tenant: str, purpose: str) -> list[ProviderKeyRecord]:
+        """Retire every decrypt-only provider key of tenant × purpose; returns those retired."""
+        now = _now()
+        table = provider_keys_table
+        mine = (table.c.tenant == tenant, table.c.purpose == purpose)
+        with self._write(f"finish provider migration of {tenant}/{purpose}") as conn:
+            rows = conn.execute(
+                sa.select(table).where(*mine, table.c.state == ProviderKeyState.DECRYPT_ONLY.value)
+            ).all()
+            if not rows:
+                raise InvalidRequest(f"{tenant}/{purpose} has no provider migration to finish")
+            conn.execute(
+                sa.update(table)
+                .where(*mine, table.c.state == ProviderKeyState.DECRYPT_ONLY.value)
+                .values(state=ProviderKeyState.RETIRED.value, updated_at=now)
+            )
+        return [
+            ProviderKeyRecord(
+                r.tenant,
+                r.purpose,
+                r.uri,
+                r.scheme,
+                r.region,
+                ProviderKeyState.RETIRED,
+                r.created_at,
+                now,
+            )
+            for r in rows
+        ]
 
     # -- row helpers ------------------------------------------------------------------------
 

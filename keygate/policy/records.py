@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_POLICIES_DIR",
     "MAX_FIELD_NAME_LEN",
     "POLICIES_DIR_ENV",
+    "RESERVED_POLICY_FILES",
     "VALIDATOR_NAMES",
     "FieldPolicy",
     "RecordPolicy",
@@ -47,6 +48,8 @@ __all__ = [
 POLICIES_DIR_ENV: Final = "KEYGATE_POLICIES_DIR"
 #: the policies shipped with keygate: ``policies/`` at the repository root
 DEFAULT_POLICIES_DIR: Final = Path(__file__).resolve().parents[2] / "policies"
+#: policy files in the same directory that are not record types (``residency.toml``)
+RESERVED_POLICY_FILES: Final = frozenset({"residency"})
 #: the longest field name, in characters
 MAX_FIELD_NAME_LEN: Final = 64
 #: the most problems spelled out in one ValidationFailed detail
@@ -567,7 +570,7 @@ def load_policies(directory: Path | None = None) -> dict[str, RecordPolicy]:
         raise ConfigurationError(f"policy directory {directory} does not exist")
     policies: dict[str, RecordPolicy] = {}
     for path in sorted(directory.glob("*.toml")):
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.stem in RESERVED_POLICY_FILES:
             continue
         policy = load_policy_file(path)
         policies[policy.record_type] = policy

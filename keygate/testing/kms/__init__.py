@@ -1,0 +1,1 @@
+"""Local servers speaking the cloud KMS providers' real wire protocols (tests and the bench)."""
