@@ -15,7 +15,10 @@ JSON Lines (``keygate-audit-export/1``), one object per line:
     ``--until``) leave out.  Its hash keeps the chain verifiable without revealing it.
 
 Every export first signs the current head (an on-demand checkpoint) and ends at a checkpoint,
-so an untouched export has no unsigned tail.  CSV and OCSF carry the chain fields (``seq``,
+so an untouched export has no unsigned tail.  Once the oldest segments were pruned
+(:mod:`keygate.audit.retention`), an export of the whole trail opens with the checkpoint kept at
+the prune as its anchor (the trail's pruning record names it); :func:`export_segment` writes one
+segment's archive (header ``"segment"``).  CSV and OCSF carry the chain fields (``seq``,
 ``prev_hash``, ``hash``) but only the JSON Lines export can be verified.
 """
 
@@ -32,9 +35,11 @@ from typing import IO, Any, Final
 from keygate.audit.events import canonical_bytes, format_timestamp
 from keygate.audit.store import AuditStore, ChainedEvent, Checkpoint
 
-__all__ = ["EXPORT_FORMAT", "FORMATS", "ExportSummary", "export_trail"]
+__all__ = ["EXPORT_FORMAT", "FORMATS", "ExportSummary", "export_segment", "export_trail"]
 
 EXPORT_FORMAT: Final = "keygate-audit-export/1"
+#: actions of the trail's own records (retention), kept in tenant-filtered exports
+_TRAIL_PREFIX: Final = "audit."
 FORMATS: Final = ("jsonl", "csv", "ocsf")
 
 CSV_COLUMNS: Final = (
@@ -82,7 +87,13 @@ def _plan(
 ) -> tuple[int, int, Checkpoint | None]:
     """``(from_seq, to_seq, anchor)``: the seq range to write and the checkpoint before it."""
     if since is None and until is None:
-        return 1, head.seq, None
+        # The whole trail: from seq 1, or, once the oldest segments were pruned, from the first
+        # stored event, anchored by the checkpoint kept at the prune (the pruning record in the
+        # trail names it; the verifier checks that).  No checkpoint there: no anchor, and the
+        # verifier reports the removed events.
+        first = store.first_seq() or 1
+        anchor = store.checkpoint_at(first - 1) if first > 1 else None
+        return first, head.seq, anchor
     found = store.seq_range(since=since, until=until)
     if found is None:
         return 1, 0, None
@@ -123,7 +134,9 @@ def export_trail(
         return (
             (since is None or ev.ts >= since)
             and (until is None or ev.ts < until)
-            and (tenant is None or ev.tenant == tenant)
+            # the trail's own records (audit.pruned, audit.archived) name no tenant and are
+            # kept in tenant exports, so that their verification can see what was pruned
+            and (tenant is None or ev.tenant == tenant or ev.action.startswith(_TRAIL_PREFIX))
         )
 
     def lines() -> Iterator[tuple[str, Any]]:
@@ -138,7 +151,6 @@ def export_trail(
                     yield "checkpoint", pending
                     pending = next(cps, None)
 
-    counts = {"event": 0, "omitted": 0, "checkpoint": 0}
     header = {
         "type": "header",
         "format": EXPORT_FORMAT,
@@ -152,22 +164,82 @@ def export_trail(
         "to_seq": to_seq,
         "key_id": key_id,
     }
+    return _write(out, fmt, header, lines(), from_seq, to_seq)
+
+
+def export_segment(
+    store: AuditStore,
+    out: IO[bytes],
+    *,
+    from_seq: int,
+    to_seq: int,
+    period: str,
+    key_id: str | None = None,
+    now: datetime | None = None,
+) -> ExportSummary:
+    """Write the events ``from_seq..to_seq`` as a JSON Lines archive of one segment.
+
+    ``to_seq`` must be a checkpoint (the segment's closing one); unless ``from_seq`` is 1 the
+    file opens with the checkpoint at ``from_seq - 1`` as its anchor, so it verifies on its own
+    and chains to the segments before and after it.  The header names the segment
+    (``"segment": {"period", "from_seq", "to_seq"}``).
+    """
+    anchor = store.checkpoint_at(from_seq - 1) if from_seq > 1 else None
+    if from_seq > 1 and anchor is None:
+        raise ValueError(f"no checkpoint at seq {from_seq - 1} anchors the segment")
+    if store.checkpoint_at(to_seq) is None:
+        raise ValueError(f"no checkpoint at seq {to_seq} closes the segment")
+    checkpoints = store.checkpoints(from_seq=from_seq, to_seq=to_seq)
+
+    def lines() -> Iterator[tuple[str, Any]]:
+        cps = iter(checkpoints)
+        pending = next(cps, None)
+        if anchor is not None:
+            yield "checkpoint", anchor
+        for item in store.chained(from_seq=from_seq, to_seq=to_seq):
+            yield "event", item
+            while pending is not None and pending.seq <= item.seq:
+                yield "checkpoint", pending
+                pending = next(cps, None)
+
+    header = {
+        "type": "header",
+        "format": EXPORT_FORMAT,
+        "exported_at": format_timestamp(now or datetime.now(UTC)),
+        "filters": {"since": None, "until": None, "tenant": None},
+        "from_seq": from_seq,
+        "to_seq": to_seq,
+        "key_id": key_id,
+        "segment": {"period": period, "from_seq": from_seq, "to_seq": to_seq},
+    }
+    return _write(out, "jsonl", header, lines(), from_seq, to_seq)
+
+
+def _write(
+    out: IO[bytes],
+    fmt: str,
+    header: dict[str, Any],
+    items: Iterator[tuple[str, Any]],
+    from_seq: int,
+    to_seq: int,
+) -> ExportSummary:
+    counts = {"event": 0, "omitted": 0, "checkpoint": 0}
     if fmt == "jsonl":
         out.write((_dumps(header) + "\n").encode("utf-8"))
-        for kind, obj in lines():
+        for kind, obj in items:
             counts[kind] += 1
             out.write((_dumps(_jsonl(kind, obj)) + "\n").encode("utf-8"))
     elif fmt == "csv":
         text = io.TextIOWrapper(out, encoding="utf-8-sig", newline="", write_through=True)
         writer = csv.writer(text, lineterminator="\r\n")
         writer.writerow(CSV_COLUMNS)
-        for kind, obj in lines():
+        for kind, obj in items:
             counts[kind] += 1
             writer.writerow([_cell(v) for v in _csv_row(kind, obj)])
         text.flush()
         text.detach()
     else:
-        for kind, obj in lines():
+        for kind, obj in items:
             counts[kind] += 1
             if kind == "event":
                 out.write((_dumps(_ocsf(obj)) + "\n").encode("utf-8"))

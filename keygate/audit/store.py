@@ -18,6 +18,12 @@ Order and chain
 Checkpoints
     ``kg_audit_checkpoints`` holds signed chain heads (:class:`Checkpoint`).  They are made by
     :meth:`AuditStore.checkpoint` under the same lock, with a signing callback (the HSM).
+
+Segments and pruning
+    ``kg_audit_segments`` records the segments that were archived or pruned
+    (:mod:`keygate.audit.retention`).  :meth:`AuditStore.prune` deletes the oldest events up to a
+    signed checkpoint, which it keeps as the *anchor* of what remains, and appends the pruning
+    records in the same transaction.
 """
 
 from __future__ import annotations
@@ -53,9 +59,11 @@ __all__ = [
     "AuditStore",
     "ChainedEvent",
     "Checkpoint",
+    "SegmentRecord",
     "audit_checkpoints_table",
     "audit_events_table",
     "audit_metadata",
+    "audit_segments_table",
 ]
 
 #: advisory lock serialising appends on PostgreSQL ("kgaudit\0")
@@ -118,6 +126,39 @@ audit_checkpoints_table: Final = sa.Table(
     #: SHA-256 (hex) of the signing key's SubjectPublicKeyInfo DER
     sa.Column("key_id", sa.String(64), nullable=False),
 )
+
+audit_segments_table: Final = sa.Table(
+    "kg_audit_segments",
+    audit_metadata,
+    #: the seq of the checkpoint that closes the segment (its last event)
+    sa.Column("to_seq", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("from_seq", sa.BigInteger(), nullable=False),
+    #: ``2026-01`` (month) or ``2026-01-31`` (day), UTC, of the closing checkpoint
+    sa.Column("period", sa.String(16), nullable=False),
+    sa.Column("events", sa.BigInteger(), nullable=False),
+    #: hash of the last event (= the closing checkpoint's signed hash)
+    sa.Column("last_hash", sa.String(_HASH_LEN), nullable=False),
+    #: the archive's file name (in the archive directory) and SHA-256; NULL if never archived
+    sa.Column("archive_file", sa.String(255), nullable=True),
+    sa.Column("archive_sha256", sa.String(64), nullable=True),
+    sa.Column("archived_at", UTCDateTime(), nullable=True),
+    sa.Column("pruned_at", UTCDateTime(), nullable=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRecord:
+    """A segment that was archived and/or pruned (a row of ``kg_audit_segments``)."""
+
+    from_seq: int
+    to_seq: int
+    period: str
+    events: int
+    last_hash: str
+    archive_file: str | None = None
+    archive_sha256: str | None = None
+    archived_at: datetime | None = None
+    pruned_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +240,35 @@ def _checkpoint(row: sa.Row[Any]) -> Checkpoint:
     )
 
 
+class _Refused(ValueError):
+    """A prune refused because the trail is not in the expected state (nothing changed)."""
+
+
+def _aware(value: object) -> datetime | None:
+    """A timestamp from an aggregate (SQLite returns text for ``min``/``max`` of a column)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise TypeError(f"not a timestamp: {value!r}")
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _segment_record(row: sa.Row[Any]) -> SegmentRecord:
+    return SegmentRecord(
+        from_seq=int(row.from_seq),
+        to_seq=int(row.to_seq),
+        period=row.period,
+        events=int(row.events),
+        last_hash=row.last_hash,
+        archive_file=row.archive_file,
+        archive_sha256=row.archive_sha256,
+        archived_at=_aware(row.archived_at),
+        pruned_at=_aware(row.pruned_at),
+    )
+
+
 def _check_aware(name: str, value: object) -> None:
     if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
         raise ValueError(f"{name} must be a timezone-aware datetime")
@@ -224,7 +294,9 @@ def _chain_legacy_rows(conn: Connection) -> None:
     if conn.execute(sa.select(table.c.seq).where(table.c.hash.is_(None)).limit(1)).first() is None:
         return
     prev = GENESIS_HASH
-    for row in conn.execute(sa.select(table).order_by(table.c.seq)).all():
+    for n, row in enumerate(conn.execute(sa.select(table).order_by(table.c.seq)).all()):
+        if n == 0 and int(row.seq) > 1 and is_hash(row.prev_hash):
+            prev = row.prev_hash  # the oldest events were pruned: continue from the anchor
         if row.hash is None:
             digest = chain_hash(prev, _event(row), int(row.seq))
             conn.execute(
@@ -305,13 +377,7 @@ class AuditStore:
                 sqlite_begin_immediate(conn)
                 with conn.begin():
                     self._lock_appends(conn)
-                    seq, prev = self._head(conn)
-                    for row, event in zip(rows, events, strict=True):
-                        seq += 1
-                        row["seq"] = seq
-                        row["prev_hash"] = prev
-                        row["hash"] = prev = chain_hash(prev, event, seq)
-                    conn.execute(sa.insert(audit_events_table), rows)
+                    seq, prev = self._chain_in(conn, rows, events)
         except Exception as exc:
             # Fail closed whatever went wrong (constraint, driver, disk): nothing was written.
             raise Unavailable(
@@ -319,6 +385,19 @@ class AuditStore:
                 f"{redacted_url(self._url)} cannot be written "
                 f"({describe_database_error(exc, self._url)})"
             ) from exc
+        return seq, prev
+
+    def _chain_in(
+        self, conn: Connection, rows: list[dict[str, Any]], events: Sequence[AuditEvent]
+    ) -> tuple[int, str]:
+        """Number and chain ``rows`` after the head and insert them (under the append lock)."""
+        seq, prev = self._head(conn)
+        for row, event in zip(rows, events, strict=True):
+            seq += 1
+            row["seq"] = seq
+            row["prev_hash"] = prev
+            row["hash"] = prev = chain_hash(prev, event, seq)
+        conn.execute(sa.insert(audit_events_table), rows)
         return seq, prev
 
     def _check_file(self) -> None:
@@ -463,7 +542,7 @@ class AuditStore:
         _check_aware("since", since)
         _check_aware("until", until)
         table = audit_events_table
-        conditions: list[sa.ColumnElement[bool]] = []
+        conditions: list[sa.ColumnElement[bool]] = [table.c.seq > self._pruned_through_query()]
         if since is not None:
             conditions.append(table.c.ts >= since)
         if until is not None:
@@ -547,6 +626,229 @@ class AuditStore:
             last_seq = int(rows[-1].seq)
             if remaining is not None:
                 remaining -= len(rows)
+
+    # ------------------------------------------------------------------ segments and pruning
+    def first_seq(self) -> int | None:
+        """The seq of the oldest event of the trail (None for an empty trail).
+
+        Events that a prune has already removed from the trail but not yet deleted (it deletes
+        in batches after recording the prune) do not count.
+        """
+        events = audit_events_table
+        statement = sa.select(sa.func.min(events.c.seq)).where(
+            events.c.seq > self._pruned_through_query()
+        )
+        with self._connection("read audit trail") as conn:
+            value = conn.execute(statement).scalar_one()
+        return None if value is None else int(value)
+
+    @staticmethod
+    def _pruned_through_query() -> sa.ScalarSelect[Any]:
+        segments = audit_segments_table
+        return (
+            sa.select(sa.func.coalesce(sa.func.max(segments.c.to_seq), 0))
+            .where(segments.c.pruned_at.is_not(None))
+            .scalar_subquery()
+        )
+
+    def pruned_through(self) -> int:
+        """Every event up to this seq was pruned (0 if nothing was)."""
+        with self._connection("read audit segments") as conn:
+            return int(conn.execute(sa.select(self._pruned_through_query())).scalar_one())
+
+    def checkpoint_at(self, seq: int) -> Checkpoint | None:
+        """The checkpoint that signs event ``seq``, if there is one."""
+        table = audit_checkpoints_table
+        with self._connection("read audit checkpoints") as conn:
+            row = conn.execute(sa.select(table).where(table.c.seq == seq)).first()
+        return None if row is None else _checkpoint(row)
+
+    def checkpoint_periods(self, width: int) -> list[tuple[str, int, str]]:
+        """``(period, seq, ts)`` of the last checkpoint of each period, in seq order.
+
+        A period is the first ``width`` characters of the checkpoint's RFC 3339 UTC timestamp
+        (7: a month, ``2026-11``; 10: a day).  One small grouped query, whatever the number of
+        checkpoints.
+        """
+        if width not in (7, 10):
+            raise ValueError("width must be 7 (month) or 10 (day)")
+        table = audit_checkpoints_table
+        period = sa.func.substr(table.c.ts, 1, width)
+        statement = (
+            sa.select(period, sa.func.max(table.c.seq), sa.func.max(table.c.ts))
+            .group_by(period)
+            .order_by(sa.func.max(table.c.seq))
+        )
+        with self._connection("read audit checkpoints") as conn:
+            return [(str(p), int(s), str(t)) for p, s, t in conn.execute(statement).all()]
+
+    def seq_stats(self, from_seq: int, to_seq: int) -> tuple[int, datetime | None, datetime | None]:
+        """``(count, oldest ts, newest ts)`` of the events with ``from_seq <= seq <= to_seq``."""
+        table = audit_events_table
+        statement = sa.select(
+            sa.func.count(), sa.func.min(table.c.ts), sa.func.max(table.c.ts)
+        ).where(table.c.seq >= from_seq, table.c.seq <= to_seq)
+        with self._connection("read audit trail") as conn:
+            count, low, high = conn.execute(statement).one()
+        return int(count), _aware(low), _aware(high)
+
+    def segment_records(self) -> list[SegmentRecord]:
+        """Every archived or pruned segment, oldest first."""
+        table = audit_segments_table
+        with self._connection("read audit segments") as conn:
+            rows = conn.execute(sa.select(table).order_by(table.c.to_seq)).all()
+        return [_segment_record(row) for row in rows]
+
+    def record_archive(self, record: SegmentRecord) -> None:
+        """Remember that a segment was archived (replaces an earlier archive of it)."""
+        table = audit_segments_table
+        values = {
+            "from_seq": record.from_seq,
+            "period": record.period,
+            "events": record.events,
+            "last_hash": record.last_hash,
+            "archive_file": record.archive_file,
+            "archive_sha256": record.archive_sha256,
+            "archived_at": record.archived_at,
+        }
+        with self._connection("record audit archive") as conn:
+            sqlite_begin_immediate(conn)
+            with conn.begin():
+                done = conn.execute(
+                    sa.update(table).where(table.c.to_seq == record.to_seq).values(**values)
+                )
+                if done.rowcount == 0:
+                    conn.execute(sa.insert(table).values(to_seq=record.to_seq, **values))
+
+    def prune(
+        self,
+        *,
+        from_seq: int,
+        through_seq: int,
+        records: Sequence[AuditEvent],
+        segments: Sequence[SegmentRecord],
+        now: datetime | None = None,
+        batch: int = 10_000,
+    ) -> tuple[int, tuple[int, str]]:
+        """Remove the events ``from_seq..through_seq`` from the trail, appending ``records``.
+
+        ``through_seq`` must be a signed checkpoint that is not the head; that checkpoint is
+        kept (it anchors the first remaining event), older checkpoints are deleted.
+        ``from_seq`` must be the oldest event of the trail (so that two prunes at once cannot
+        both succeed).  In one short transaction under the append lock: the checks, the
+        checkpoints, the segments marked pruned and the pruning records appended; from then on
+        the events are out of the trail (:meth:`first_seq`, exports).  They are then deleted in
+        batches of ``batch`` rows, each its own transaction, so that gateways appending
+        meanwhile never wait long; an interrupted deletion is finished by
+        :meth:`finish_pruning`.  Returns ``(events deleted, head after the records)``.
+
+        Raises :class:`ValueError` if the trail is not as expected (nothing is changed) and
+        :class:`Unavailable` on a storage failure.
+        """
+        for event in records:
+            redact_check(event)
+        rows = [_row(event) for event in records]
+        if not rows:
+            raise ValueError("a prune must append at least one pruning record")
+        events = audit_events_table
+        # Old rows never change but by a prune, so they are counted before taking the lock.
+        with self._connection("count audit events") as conn:
+            stored = conn.execute(
+                sa.select(sa.func.count()).where(
+                    events.c.seq >= from_seq, events.c.seq <= through_seq
+                )
+            ).scalar_one()
+        if stored != through_seq - from_seq + 1:
+            raise _Refused(
+                f"seq {from_seq}..{through_seq} should hold {through_seq - from_seq + 1} "
+                f"events, found {stored}: the trail is not whole"
+            )
+        try:
+            with self._guard, self._engine.connect() as conn:
+                sqlite_begin_immediate(conn)
+                with conn.begin():
+                    self._lock_appends(conn)
+                    self._check_prune(conn, from_seq, through_seq)
+                    conn.execute(
+                        sa.delete(audit_checkpoints_table).where(
+                            audit_checkpoints_table.c.seq < through_seq
+                        )
+                    )
+                    self._mark_pruned(conn, segments, now or datetime.now(UTC))
+                    head = self._chain_in(conn, rows, records)
+        except _Refused:
+            raise
+        except Exception as exc:
+            raise Unavailable(
+                f"pruning the audit trail at {redacted_url(self._url)} failed "
+                f"({describe_database_error(exc, self._url)})"
+            ) from exc
+        return self.finish_pruning(batch=batch), head
+
+    def _check_prune(self, conn: Connection, from_seq: int, through_seq: int) -> None:
+        """Refuse unless the trail is as the prune expects (under the append lock)."""
+        events, checkpoints = audit_events_table, audit_checkpoints_table
+        first = conn.execute(
+            sa.select(sa.func.min(events.c.seq)).where(events.c.seq > self._pruned_through_query())
+        ).scalar_one()
+        head_seq, _ = self._head(conn)
+        anchor = conn.execute(
+            sa.select(checkpoints).where(checkpoints.c.seq == through_seq)
+        ).first()
+        last = conn.execute(sa.select(events.c.hash).where(events.c.seq == through_seq)).first()
+        if first is None or int(first) != from_seq:
+            raise _Refused(
+                f"the oldest stored event is seq {first}, not {from_seq}: the trail changed "
+                "meanwhile"
+            )
+        if anchor is None or last is None or last.hash != anchor.hash:
+            raise _Refused(f"seq {through_seq} is not a signed checkpoint of the chain")
+        if through_seq >= head_seq:
+            raise _Refused("the chain head cannot be pruned")
+
+    def finish_pruning(self, *, batch: int = 10_000) -> int:
+        """Delete the rows of pruned segments still stored, ``batch`` at a time; the count."""
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        events = audit_events_table
+        through = self.pruned_through()
+        deleted = 0
+        while True:
+            with self._connection("delete pruned audit events") as conn:
+                sqlite_begin_immediate(conn)
+                with conn.begin():
+                    low = conn.execute(
+                        sa.select(sa.func.min(events.c.seq)).where(events.c.seq <= through)
+                    ).scalar_one()
+                    if low is None:
+                        return deleted
+                    high = min(through, int(low) + batch - 1)
+                    done = conn.execute(
+                        sa.delete(events).where(events.c.seq >= low, events.c.seq <= high)
+                    )
+                    deleted += int(done.rowcount)
+
+    @staticmethod
+    def _mark_pruned(conn: Connection, segments: Sequence[SegmentRecord], now: datetime) -> None:
+        table = audit_segments_table
+        for seg in segments:
+            done = conn.execute(
+                sa.update(table).where(table.c.to_seq == seg.to_seq).values(pruned_at=now)
+            )
+            if done.rowcount == 0:
+                conn.execute(
+                    sa.insert(table).values(
+                        to_seq=seg.to_seq,
+                        from_seq=seg.from_seq,
+                        period=seg.period,
+                        events=seg.events,
+                        last_hash=seg.last_hash,
+                        archive_file=seg.archive_file,
+                        archive_sha256=seg.archive_sha256,
+                        archived_at=seg.archived_at,
+                        pruned_at=now,
+                    )
+                )
 
     def count(self) -> int:
         statement = sa.select(sa.func.count()).select_from(audit_events_table)

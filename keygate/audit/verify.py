@@ -14,7 +14,14 @@ Checks, in file order, stopping at the first failure (reported with its line num
   verifies;
 * the export starts at seq 1 or at a signed anchor checkpoint, ends at the header's ``to_seq``,
   and no event comes after the last checkpoint (an *unsigned tail*: events appended, or the
-  export truncated and re-chained, after the last signature).
+  export truncated and re-chained, after the last signature);
+* a whole-trail export (no ``since``/``until`` filter, not a segment archive) that starts at an
+  anchor must contain the pruning record (an ``audit.pruned`` event) that names that anchor's
+  seq and hash: the oldest events may only go away through a recorded prune.
+
+:func:`verify_exports` verifies several files as one trail, oldest first (segment archives,
+then a current export): each must verify on its own and start at the checkpoint the previous
+one ends with.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
@@ -39,7 +46,10 @@ from keygate.audit.chain import (
     key_id,
 )
 
-__all__ = ["VerifyResult", "verify_export"]
+__all__ = ["PRUNE_ACTION", "PruneRecord", "VerifyResult", "verify_export", "verify_exports"]
+
+#: the action of a pruning record (:mod:`keygate.audit.retention`)
+PRUNE_ACTION: Final = "audit.pruned"
 
 _EVENT_FIELDS: Final = frozenset(
     {
@@ -47,6 +57,19 @@ _EVENT_FIELDS: Final = frozenset(
         "outcome", "purpose", "record_type", "request_id", "tenant", "ts",
     }
 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PruneRecord:
+    """What a verified pruning record (``audit.pruned``) says was removed."""
+
+    seq: int
+    from_seq: int
+    to_seq: int
+    events: int
+    last_hash: str
+    archive_sha256: str | None
+    forced: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +84,23 @@ class VerifyResult:
     line: int | None = None
     seq: int | None = None
     reason: str = ""
+    #: the signed checkpoint the export starts after (None: it starts at seq 1)
+    anchor_seq: int | None = None
+    anchor_hash: str | None = None
+    anchor_line: int | None = None
+    #: the last signed checkpoint: everything up to it is covered by a signature
+    last_checkpoint_seq: int | None = None
+    last_checkpoint_hash: str | None = None
+    last_checkpoint_ts: str | None = None
+    #: SHA-256 (hex) of the public key that verified the signatures
+    key_id: str | None = None
+    #: pruning records found in the export, in order
+    prunes: tuple[PruneRecord, ...] = ()
+    #: the segment period of an archive file (header ``segment``), else None
+    segment: str | None = None
+    #: which file failed (verify_exports), and how many files were verified
+    file: str | None = None
+    files: int = 1
 
 
 class _Bad(Exception):
@@ -98,6 +138,9 @@ class _Verifier:
         self.last_cp_seq: int | None = None
         self.first_seq: int | None = None
         self.events = self.omitted = self.checkpoints = 0
+        self.anchor: tuple[int, str] | None = None
+        self.last_cp: tuple[int, str, str] | None = None
+        self.prunes: list[PruneRecord] = []
 
     def line(self, number: int, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -154,6 +197,8 @@ class _Verifier:
             if chain_hash_bytes(prev, canonical, seq) != digest:
                 raise _Bad("the event was modified: its hash does not match its content", seq)
             self.events += 1
+            if event.get("action") == PRUNE_ACTION and event.get("outcome") == "ok":
+                self.prunes.append(_prune_record(seq, event))
         self.running = digest
         self.last_event_seq = seq
         self.next_seq = seq + 1
@@ -187,6 +232,8 @@ class _Verifier:
             self.first_seq = seq + 1
             self.last_cp_seq = seq
             self.checkpoints += 1
+            self.anchor = (seq, digest)
+            self.last_cp = (seq, digest, ts)
             return
         if seq != self.last_event_seq:
             raise _Bad("checkpoint does not follow the event it signs", seq)
@@ -210,7 +257,40 @@ class _Verifier:
                 seq,
             )
         self.last_cp_seq = seq
+        self.last_cp = (seq, digest, ts)
         self.checkpoints += 1
+
+
+def _prune_record(seq: int, event: dict[str, Any]) -> PruneRecord:
+    """The fields of a pruning record (a malformed one simply matches no anchor)."""
+    detail = event.get("detail")
+    detail = detail if isinstance(detail, dict) else {}
+
+    def number(name: str) -> int:
+        value = detail.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+    last_hash = detail.get("last_hash")
+    digest = detail.get("archive_sha256")
+    return PruneRecord(
+        seq=seq,
+        from_seq=number("from_seq"),
+        to_seq=number("to_seq"),
+        events=number("events"),
+        last_hash=last_hash if isinstance(last_hash, str) else "",
+        archive_sha256=digest if isinstance(digest, str) else None,
+        forced=detail.get("forced") is True,
+    )
+
+
+def _is_whole_trail(header: dict[str, Any]) -> bool:
+    """Whether the header describes an export of the whole trail (tenant filter allowed)."""
+    if "segment" in header:
+        return False
+    filters = header.get("filters")
+    if not isinstance(filters, dict):
+        return True
+    return filters.get("since") is None and filters.get("until") is None
 
 
 def verify_export(lines: Iterable[str], public_key_pem: bytes) -> VerifyResult:
@@ -220,11 +300,28 @@ def verify_export(lines: Iterable[str], public_key_pem: bytes) -> VerifyResult:
     last_event_line = 0
     tail_start: tuple[int, int] | None = None  # first event line after the last checkpoint
 
-    def bad(line: int | None, reason: str, seq: int | None = None) -> VerifyResult:
+    anchor_line: int | None = None
+
+    def result(
+        ok: bool, line: int | None = None, reason: str = "", seq: int | None = None
+    ) -> VerifyResult:
+        segment = v.header.get("segment") if v.header is not None else None
         return VerifyResult(
-            False, v.events, v.omitted, v.checkpoints, v.first_seq, v.last_event_seq,
+            ok, v.events, v.omitted, v.checkpoints, v.first_seq, v.last_event_seq,
             line, seq, reason,
+            anchor_seq=v.anchor[0] if v.anchor else None,
+            anchor_hash=v.anchor[1] if v.anchor else None,
+            anchor_line=anchor_line,
+            last_checkpoint_seq=v.last_cp[0] if v.last_cp else None,
+            last_checkpoint_hash=v.last_cp[1] if v.last_cp else None,
+            last_checkpoint_ts=v.last_cp[2] if v.last_cp else None,
+            key_id=v.key_id,
+            prunes=tuple(v.prunes),
+            segment=str(segment.get("period")) if isinstance(segment, dict) else None,
         )  # fmt: skip
+
+    def bad(line: int | None, reason: str, seq: int | None = None) -> VerifyResult:
+        return result(False, line, reason, seq)
 
     for number, raw in enumerate(lines, start=1):
         text = raw.rstrip("\r\n")
@@ -245,6 +342,8 @@ def verify_export(lines: Iterable[str], public_key_pem: bytes) -> VerifyResult:
                 tail_start = (number, v.last_event_seq or 0)
         elif v.checkpoints > before:
             tail_start = None
+            if v.anchor is not None and anchor_line is None:
+                anchor_line = number
     if v.header is None:
         return bad(1, "empty file: no header")
     last = v.last_event_seq if v.last_event_seq is not None else (v.next_seq or 1) - 1
@@ -263,6 +362,73 @@ def verify_export(lines: Iterable[str], public_key_pem: bytes) -> VerifyResult:
             "truncated or extended",
             last,
         )
-    return VerifyResult(
-        True, v.events, v.omitted, v.checkpoints, v.first_seq, v.last_event_seq, None, None, ""
+    if v.anchor is not None and _is_whole_trail(v.header):
+        seq, digest = v.anchor
+        if not any(p.to_seq == seq and p.last_hash == digest for p in v.prunes):
+            return bad(
+                anchor_line,
+                f"the export of the whole trail starts after checkpoint seq {seq}, but no "
+                f"pruning record ({PRUNE_ACTION}) names seq {seq} and its hash: events up to "
+                f"seq {seq} were removed without a recorded prune",
+                seq,
+            )
+    return result(True)
+
+
+def verify_exports(
+    files: Sequence[tuple[str, Iterable[str]]], public_key_pem: bytes
+) -> VerifyResult:
+    """Verify several exports as one trail, oldest first (archives, then a current export).
+
+    Each file must verify on its own (:func:`verify_export`), and each after the first must
+    start at the signed checkpoint the previous one ends with: a missing, repeated or reordered
+    segment is reported at the anchor line of the file that does not follow on.
+    """
+    if not files:
+        raise ValueError("no files to verify")
+    done: list[VerifyResult] = []
+    prev_name = ""
+    for name, lines in files:
+        r = verify_export(lines, public_key_pem)
+        if not r.ok:
+            return replace(r, file=name, files=len(done) + 1)
+        if done:
+            prev = done[-1]
+            end = prev.last_checkpoint_seq
+            reason = ""
+            if r.anchor_seq is None:
+                reason = (
+                    f"starts at seq 1 but follows {prev_name}, which ends at seq {end}: the "
+                    "files are out of order"
+                )
+            elif r.anchor_seq != end:
+                what = "missing" if end is not None and r.anchor_seq > end else "out of order"
+                reason = (
+                    f"starts after seq {r.anchor_seq} but {prev_name} ends at seq {end}: "
+                    f"segments are {what}"
+                )
+            elif r.anchor_hash != prev.last_checkpoint_hash:
+                reason = (
+                    f"its anchor at seq {r.anchor_seq} does not match the checkpoint that "
+                    f"{prev_name} ends with"
+                )
+            if reason:
+                return replace(
+                    r, ok=False, line=r.anchor_line or 2, seq=r.anchor_seq or r.first_seq,
+                    reason=reason, file=name, files=len(done) + 1,
+                )  # fmt: skip
+        done.append(r)
+        prev_name = name
+    first, last = done[0], done[-1]
+    return replace(
+        last,
+        events=sum(r.events for r in done),
+        omitted=sum(r.omitted for r in done),
+        checkpoints=sum(r.checkpoints for r in done),
+        first_seq=first.first_seq,
+        anchor_seq=first.anchor_seq,
+        anchor_hash=first.anchor_hash,
+        anchor_line=first.anchor_line,
+        prunes=tuple(p for r in done for p in r.prunes),
+        files=len(done),
     )
