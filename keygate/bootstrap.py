@@ -14,6 +14,8 @@ from keygate.audit.writer import AuditWriter, Checkpointer
 from keygate.config import Settings
 from keygate.core.errors import ConfigurationError
 from keygate.core.model import WrapMechanism
+from keygate.custody.guard import DualControlGuard
+from keygate.custody.store import CustodyStore
 from keygate.hsm.pkcs11 import HsmConfig, Pkcs11Hsm
 from keygate.hsm.softhsm import find_softhsm_module
 from keygate.keys.manager import KeyManager
@@ -154,4 +156,5 @@ def build_gateway(
         max_batch_items=settings.max_batch_items,
         default_dek_max_records=settings.dek_max_records,
         default_dek_max_age_s=settings.dek_max_age_s,
+        dual_control=DualControlGuard(CustodyStore(registry), quorum=settings.custody_quorum),
     )

@@ -542,6 +542,7 @@ class Gateway:
         action = "tenant.enabled" if enabled else "tenant.disabled"
         with self._audited(action, actor, _rid(), tenant=_tenant(tenant)):
             validate_tenant(tenant)
+            self._direct(action, tenant=tenant)
             rec = self.registry.set_tenant_enabled(tenant, enabled)
         self.keys.refresh(force=True)
         return rec
@@ -629,6 +630,7 @@ class Gateway:
             current = self.registry.get_version(tenant, purpose, version)
             if current is None:
                 raise NotFound(f"no key version {tenant}/{purpose}/v{version}")
+            self._direct(action, tenant=tenant, purpose=purpose, version=version)
             if enabled:
                 # The registry decides between active and decrypt-only when re-enabling.
                 rec = self.registry.set_version_state(tenant, purpose, version, KeyState.ACTIVE)
@@ -647,11 +649,14 @@ class Gateway:
         record_types: Sequence[str],
         operations: Sequence[str],
         certificate_der: bytes | None = None,
+        token_hash: str | None = None,
     ) -> tuple[Any, str | None]:
         """Register a service identity.  Returns its bearer token (shown once), or None when it
-        authenticates by TLS client certificate instead."""
+        authenticates by TLS client certificate instead, or by a credential hash made earlier
+        (``token_hash``: an approved dual-control request; the token was shown to its maker)."""
         with self._audited("identity.added", actor, _rid(), detail={"identity": _t(name) or "?"}):
             validate_identity_name(name)
+            self._direct("identity.added", name=name)
             for t in tenants:
                 if t != ANY:
                     validate_tenant(t)
@@ -667,6 +672,8 @@ class Gateway:
             token: str | None = None
             if certificate_der is not None:
                 credential = certificate_key(certificate_der)
+            elif token_hash is not None:
+                credential = token_hash
             else:
                 token = new_token()
                 credential = hash_token(token)
@@ -683,6 +690,7 @@ class Gateway:
 
     def revoke_identity(self, actor: str, name: str) -> Any:
         with self._audited("identity.revoked", actor, _rid(), detail={"identity": _t(name) or "?"}):
+            self._direct("identity.revoked", name=name)
             rec = self.registry.revoke_identity(name)
         self.keys.refresh(force=True)
         return rec
