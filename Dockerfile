@@ -32,7 +32,7 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml constraints.txt /opt/keygate/src/
 RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
- && python -c "import tomllib; p = tomllib.load(open('/opt/keygate/src/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > /tmp/requirements.txt \
+ && python -c "import tomllib; p = tomllib.load(open('/opt/keygate/src/pyproject.toml', 'rb'))['project']; o = p['optional-dependencies']; print('\n'.join(p['dependencies'] + [d for x in ('postgres', 'aws', 'gcp', 'azure', 'oci', 'vault', 'sakura') for d in o[x]]))" > /tmp/requirements.txt \
  && pip install -c /opt/keygate/src/constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
@@ -40,7 +40,7 @@ RUN --mount=type=secret,id=pip-ca \
 COPY keygate /opt/keygate/src/keygate
 RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
- && pip install -c /opt/keygate/src/constraints.txt '/opt/keygate/src[postgres]' \
+ && pip install -c /opt/keygate/src/constraints.txt '/opt/keygate/src[postgres,providers]' \
  && pip check \
  && rm -rf /opt/keygate/src
 

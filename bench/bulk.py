@@ -205,9 +205,19 @@ def _flat_memory(
     return rows
 
 
-def run_bulk(stack: Stack, *, quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Every bulk scenario; returns the rows, the flat-memory verdict and what was skipped."""
-    sizes = QUICK if quick else FULL
+def run_bulk(
+    stack: Stack,
+    *,
+    quick: bool,
+    progress: Callable[[str], None],
+    flat_sizes: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Every bulk scenario; returns the rows, the flat-memory verdict and what was skipped.
+
+    ``flat_sizes`` replaces the two record counts of the flat-memory check (e.g. 1M and 10M)."""
+    sizes = dict(QUICK if quick else FULL)
+    if flat_sizes is not None:
+        sizes["flat"] = flat_sizes
     env = _env(stack)
     skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="keygate-bench-bulk-", dir=stack.directory) as tmp:

@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         "a PostgreSQL table, peak RSS, flat-memory check (bench/bulk.py)",
     )
     p.add_argument(
+        "--bulk-flat",
+        default=None,
+        help="record counts of the bulk flat-memory check, 'SMALL,LARGE' (default 100000,1000000; "
+        "the 10-million goal: 1000000,10000000, about 2 GB of temporary files)",
+    )
+    p.add_argument(
         "--migrate",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -178,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.bulk import run_bulk
 
             _progress("bulk scenarios (keygate bulk in a child process)")
-            bulk = run_bulk(stack, quick=args.quick, progress=_progress)
+            flat = None
+            if args.bulk_flat:
+                small, large = (int(x) for x in args.bulk_flat.split(","))
+                flat = (small, large)
+            bulk = run_bulk(stack, quick=args.quick, progress=_progress, flat_sizes=flat)
         keygate = {
             "tenant": TENANT,
             "purpose": PURPOSE,

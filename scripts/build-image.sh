@@ -137,6 +137,8 @@ check "runs as the unprivileged user keygate" sh -c '[ "$(id -un)" = keygate ] &
 check "data dir /var/lib/keygate is writable" sh -c 'touch "$KEYGATE_DATA_DIR/.w" && rm "$KEYGATE_DATA_DIR/.w"'
 check "policies and SoftHSM module present" sh -c 'ls "$KEYGATE_POLICIES_DIR"/*.toml >/dev/null && test -f /usr/lib/softhsm/libsofthsm2.so'
 check "keygate --help" keygate --help
+check "every cloud KMS adapter and its SDK import" python -c 'import importlib; from keygate.providers import ADAPTERS; [getattr(importlib.import_module(m), c) for m, c in ADAPTERS.values()]'
+check "residency policy present" sh -c 'test -f "$KEYGATE_POLICIES_DIR/residency.toml"'
 check "keygate demo --records 50" keygate demo --records 50 --directory /tmp/demo
 
 echo "image localhost/$image:latest; total $((SECONDS - t0)) s"
