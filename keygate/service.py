@@ -21,7 +21,7 @@ from typing import Any, Final
 import structlog
 
 from keygate.audit.events import AuditEvent
-from keygate.audit.pseudonym import MAX_BATCH_REFS
+from keygate.audit.pseudonym import MAX_BATCH_REFS, record_refs_detail
 from keygate.audit.writer import AuditWriter
 from keygate.core.errors import (
     ConfigurationError,
@@ -413,7 +413,7 @@ class Gateway:
             detail: dict[str, Any] = {}
             a["detail"] = detail
             # Pseudonymise first, so that refused attempts on a record are findable as well.
-            self._add_record_refs(detail, tenant, [record_id])
+            a["record_refs"] = self._add_record_refs(detail, tenant, [record_id])
             tenant, policy = self._record_scope(p, operation, tenant, record_type)
             result = fn(p, tenant, policy, record_id, record)
             if isinstance(result, tuple):  # decrypt also says how many fields it withheld
@@ -423,31 +423,36 @@ class Gateway:
 
     def _add_record_refs(
         self, detail: dict[str, Any], tenant: object, record_ids: Sequence[object]
-    ) -> None:
-        """Put the pseudonyms of ``record_ids`` (never the ids) into an audit ``detail``.
+    ) -> tuple[str, ...]:
+        """The pseudonyms of ``record_ids`` (never the ids), for the audit event.
 
-        One record: ``record_ref``.  A batch of at most ``MAX_BATCH_REFS`` records:
-        ``record_refs`` (comma-separated, in request order).  Larger batches: only their size
-        is recorded (an event's detail values are bounded to 1024 characters).  A pseudonym
-        costs one HSM call per tenant per process, then a software HMAC per record.
+        Returns every record's pseudonym (distinct), whatever the batch size: the event's
+        ``record_refs``, stored beside it in ``kg_audit_record_refs``.  ``detail`` gets
+        ``record_refs_count`` and ``record_refs_digest`` (the chained event commits to the set)
+        and, for at most ``MAX_BATCH_REFS`` records, the refs inline for readability: one
+        record ``record_ref``, a batch ``record_refs`` (comma-separated, in request order).  A
+        pseudonym costs one HSM call per tenant per process, then a software HMAC per record.
         Invalid tenants or record ids are skipped (the request fails on them anyway).
         """
         if self.audit_keys is None or _tenant(tenant) is None:
-            return
-        if len(record_ids) > MAX_BATCH_REFS:
-            return
-        refs = []
+            return ()
+        valid = []
         for record_id in record_ids:
             try:
                 rid = _check_record_id(record_id)
                 rid.encode("utf-8")  # a lone surrogate is refused later, as INVALID_REQUEST
             except (GatewayError, UnicodeEncodeError):
                 continue
-            refs.append(self.audit_keys.record_ref(tenant, rid))
-        if len(record_ids) == 1 and refs:
+            valid.append(rid)
+        if not valid:
+            return ()
+        refs = self.audit_keys.record_refs(tenant, valid)
+        detail.update(record_refs_detail(refs))
+        if len(record_ids) == 1:
             detail["record_ref"] = refs[0]
-        elif refs:
+        elif len(record_ids) <= MAX_BATCH_REFS:
             detail["record_refs"] = ",".join(refs)
+        return tuple(set(refs))
 
     def encrypt_record(
         self,
@@ -497,10 +502,9 @@ class Gateway:
             items=len(items),
         ) as a:
             self._check_batch(items)
-            if len(items) <= MAX_BATCH_REFS:
-                detail: dict[str, Any] = {}
-                a["detail"] = detail
-                self._add_record_refs(detail, tenant, [rid for rid, _ in items])
+            detail: dict[str, Any] = {}
+            a["detail"] = detail
+            a["record_refs"] = self._add_record_refs(detail, tenant, [rid for rid, _ in items])
             tenant, policy = self._record_scope(p, operation, tenant, record_type)
             out: list[Any] = []
             for record_id, record in items:

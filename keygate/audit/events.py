@@ -9,6 +9,11 @@ exactly these bytes), pinned by a golden test: sorted-key JSON of every field, U
 ``\\u`` escapes, separators ``,`` and ``:``, timestamps in RFC 3339 UTC with microseconds
 (``2026-11-22T09:14:00.123456Z``).  Changing it is a **BACKWARDS INCOMPATIBLE** change to every
 exported trail.
+
+``record_refs`` (the pseudonyms of every record the event touched) is not one of the encoded
+fields: it goes to the side table ``kg_audit_record_refs``, and the event commits to it through
+``record_refs_count`` and ``record_refs_digest`` in its ``detail``, which are encoded (see
+:mod:`keygate.audit.pseudonym`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
+
+from keygate.audit.pseudonym import record_refs_problem
 
 __all__ = [
     "DENIED_DETAIL_KEYS",
@@ -116,6 +123,11 @@ class AuditEvent:
     event_id: str = field(default_factory=_new_event_id)
     #: aware; normalised to UTC
     ts: datetime = field(default_factory=_utcnow)
+    #: the pseudonyms of every record the event touched (distinct, stored sorted); not part of
+    #: the canonical encoding: written to ``kg_audit_record_refs`` beside the event, which
+    #: commits to them by ``detail["record_refs_count"]`` and ``detail["record_refs_digest"]``.
+    #: Empty for an event read back from the store (load them with ``AuditStore.record_refs``).
+    record_refs: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         action: object = self.action
@@ -138,6 +150,19 @@ class AuditEvent:
             raise ValueError("audit items_failed cannot exceed items")
         object.__setattr__(self, "ts", _utc(self.ts))
         object.__setattr__(self, "detail", _Detail(_checked_detail(self.detail)))
+        if self.record_refs:
+            refs: object = self.record_refs
+            if isinstance(refs, str) or not isinstance(refs, tuple | list | set | frozenset):
+                raise TypeError("audit record_refs must be a sequence of pseudonyms")
+            ordered = tuple(sorted(refs))
+            if "record_refs_digest" not in self.detail:
+                raise ValueError("audit record_refs need record_refs_count and _digest in detail")
+            if not all(isinstance(r, str) for r in ordered):
+                raise TypeError("audit record_refs must be strings")
+            problem = record_refs_problem(self.detail, ordered)
+            if problem is not None:
+                raise ValueError(f"audit record_refs do not match the detail: {problem}")
+            object.__setattr__(self, "record_refs", ordered)
 
 
 def _check_int(name: str, value: object, *, minimum: int, optional: bool = False) -> None:

@@ -9,7 +9,10 @@ JSON Lines (``keygate-audit-export/1``), one object per line:
     seq 1 opens with the checkpoint just before its first event (the *anchor*), so its first
     ``prev_hash`` is signed too.
 ``{"type":"event","seq","prev_hash","hash","event":{…canonical fields…}}``
-    an event: ``event`` is exactly :func:`~keygate.audit.events.canonical_bytes` parsed.
+    an event: ``event`` is exactly :func:`~keygate.audit.events.canonical_bytes` parsed.  An
+    event that commits to a set of record refs (``detail.record_refs_digest``) also carries
+    ``"record_refs":[…]``: the pseudonyms stored for it (sorted, 64 hex digits each), so that the
+    verifier can recompute the digest; the refs of a 1000-record batch are all there.
 ``{"type":"event","seq","prev_hash","hash","omitted":true}``
     a *stub*: an event in the exported seq range that the filters (``--tenant``, ``--since``,
     ``--until``) leave out.  Its hash keeps the chain verifiable without revealing it.
@@ -19,7 +22,8 @@ so an untouched export has no unsigned tail.  Once the oldest segments were prun
 (:mod:`keygate.audit.retention`), an export of the whole trail opens with the checkpoint kept at
 the prune as its anchor (the trail's pruning record names it); :func:`export_segment` writes one
 segment's archive (header ``"segment"``).  CSV and OCSF carry the chain fields (``seq``,
-``prev_hash``, ``hash``) but only the JSON Lines export can be verified.
+``prev_hash``, ``hash``) and, in ``detail``, ``record_refs_count`` / ``record_refs_digest`` but
+not the refs themselves; only the JSON Lines export can be verified.
 """
 
 from __future__ import annotations
@@ -128,6 +132,7 @@ def export_trail(
     else:
         from_seq, to_seq, anchor = _plan(store, head, since, until)
     checkpoints = store.checkpoints(from_seq=from_seq, to_seq=to_seq) if to_seq else []
+    refs = fmt == "jsonl"  # only the JSON Lines export carries the refs themselves
 
     def selected(item: ChainedEvent) -> bool:
         ev = item.event
@@ -145,7 +150,7 @@ def export_trail(
         if anchor is not None:
             yield "checkpoint", anchor
         if to_seq:
-            for item in store.chained(from_seq=from_seq, to_seq=to_seq):
+            for item in store.chained(from_seq=from_seq, to_seq=to_seq, with_refs=refs):
                 yield ("event" if selected(item) else "omitted"), item
                 while pending is not None and pending.seq <= item.seq:
                     yield "checkpoint", pending
@@ -196,7 +201,7 @@ def export_segment(
         pending = next(cps, None)
         if anchor is not None:
             yield "checkpoint", anchor
-        for item in store.chained(from_seq=from_seq, to_seq=to_seq):
+        for item in store.chained(from_seq=from_seq, to_seq=to_seq, with_refs=True):
             yield "event", item
             while pending is not None and pending.seq <= item.seq:
                 yield "checkpoint", pending
@@ -264,7 +269,10 @@ def _jsonl(kind: str, obj: Any) -> dict[str, Any]:
     base = {"type": "event", "seq": obj.seq, "prev_hash": obj.prev_hash, "hash": obj.hash}
     if kind == "omitted":
         return {**base, "omitted": True}
-    return {**base, "event": json.loads(canonical_bytes(obj.event))}
+    line = {**base, "event": json.loads(canonical_bytes(obj.event))}
+    if obj.record_refs is not None:
+        line["record_refs"] = list(obj.record_refs)
+    return line
 
 
 def _cell(value: object) -> object:

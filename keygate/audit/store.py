@@ -15,6 +15,13 @@ Order and chain
     order.  If the previous row cannot be read or carries no valid hash, the append fails
     (fail closed).
 
+Record refs
+    ``kg_audit_record_refs`` holds one row ``(ref, seq)`` per record an event touched (its
+    pseudonym, 32 bytes), keyed by ref so that "who touched record R" is an index lookup.  The
+    rows are inserted by :meth:`AuditStore.append` in the same transaction as their event, and
+    the chained event commits to them (``record_refs_count`` / ``record_refs_digest``, see
+    :mod:`keygate.audit.pseudonym`).  Rows of pruned events are deleted with them.
+
 Checkpoints
     ``kg_audit_checkpoints`` holds signed chain heads (:class:`Checkpoint`).  They are made by
     :meth:`AuditStore.checkpoint` under the same lock, with a signing callback (the HSM).
@@ -33,7 +40,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -42,6 +49,7 @@ from sqlalchemy.engine import URL, Connection
 
 from keygate.audit.chain import GENESIS_HASH, chain_hash, is_hash
 from keygate.audit.events import AuditEvent, DetailValue, format_timestamp, redact_check
+from keygate.audit.pseudonym import is_record_ref
 from keygate.core.errors import Unavailable
 from keygate.keys.registry import (
     UTCDateTime,
@@ -63,6 +71,7 @@ __all__ = [
     "audit_checkpoints_table",
     "audit_events_table",
     "audit_metadata",
+    "audit_record_refs_table",
     "audit_segments_table",
 ]
 
@@ -74,6 +83,11 @@ _SCHEMA_LOCK_ID: Final = 0x6B67736368656D61
 DEFAULT_PAGE_SIZE: Final = 1000
 #: room for "sha256:" + 64 hex digits, or a longer digest later
 _HASH_LEN: Final = 128
+#: record refs loaded per query when exporting (events are grouped up to about this many refs)
+_REFS_CHUNK: Final = 50_000
+_COPY_REFS: Final = "COPY kg_audit_record_refs (ref, seq) FROM STDIN"
+_INSERT_REFS_QMARK: Final = "INSERT INTO kg_audit_record_refs (ref, seq) VALUES (?, ?)"
+_INSERT_REFS_FORMAT: Final = "INSERT INTO kg_audit_record_refs (ref, seq) VALUES (%s, %s)"
 
 audit_metadata: Final = sa.MetaData()
 
@@ -110,6 +124,17 @@ audit_events_table: Final = sa.Table(
 )
 sa.Index("ix_kg_audit_events_ts", audit_events_table.c.ts)
 sa.Index("ix_kg_audit_events_tenant_seq", audit_events_table.c.tenant, audit_events_table.c.seq)
+
+audit_record_refs_table: Final = sa.Table(
+    "kg_audit_record_refs",
+    audit_metadata,
+    #: the pseudonym of a record (raw HMAC-SHA256, 32 bytes; exported as 64 hex digits)
+    sa.Column("ref", sa.LargeBinary(32), primary_key=True),
+    #: the event that touched it (no foreign key: rows are deleted before their pruned events)
+    sa.Column("seq", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sqlite_with_rowid=False,
+)
+sa.Index("ix_kg_audit_record_refs_seq", audit_record_refs_table.c.seq)
 
 audit_checkpoints_table: Final = sa.Table(
     "kg_audit_checkpoints",
@@ -169,6 +194,9 @@ class ChainedEvent:
     prev_hash: str
     hash: str
     event: AuditEvent
+    #: the record refs stored for the event, sorted, when they were asked for (``with_refs``)
+    #: and the event commits to a set (``record_refs_digest``); None otherwise
+    record_refs: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +335,46 @@ def _chain_legacy_rows(conn: Connection) -> None:
             prev = row.hash
 
 
+def _index_legacy_refs(conn: Connection, page: int = 10_000) -> int:
+    """Fill ``kg_audit_record_refs`` from events written before it existed; the rows added.
+
+    Such events name their records only inline (``record_ref``, or ``record_refs`` for batches of
+    at most 15; larger batches named none and cannot be indexed).  Run once, when the table is
+    created, under the append lock.
+    """
+    events, refs = audit_events_table, audit_record_refs_table
+    added = 0
+    last_seq = 0
+    while True:
+        rows = conn.execute(
+            sa.select(events.c.seq, events.c.detail)
+            .where(events.c.seq > last_seq, events.c.detail.contains('"record_ref'))
+            .order_by(events.c.seq)
+            .limit(page)
+        ).all()
+        batch: list[dict[str, Any]] = []
+        for row in rows:
+            try:
+                detail = json.loads(row.detail)
+            except ValueError:
+                continue
+            if not isinstance(detail, dict) or "record_refs_digest" in detail:
+                continue
+            found = set()
+            if is_record_ref(detail.get("record_ref")):
+                found.add(detail["record_ref"])
+            many = detail.get("record_refs")
+            if isinstance(many, str):
+                found.update(r for r in many.split(",") if is_record_ref(r))
+            batch.extend({"seq": int(row.seq), "ref": bytes.fromhex(r)} for r in sorted(found))
+        if batch:
+            conn.execute(sa.insert(refs), batch)
+            added += len(batch)
+        if len(rows) < page:
+            return added
+        last_seq = int(rows[-1].seq)
+
+
 def _check_limit(limit: object) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError("limit must be a non-negative integer or None")
@@ -341,7 +409,13 @@ class AuditStore:
             with conn.begin():
                 if is_postgresql(self._engine):
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
+                new_refs = not sa.inspect(conn).has_table(audit_record_refs_table.name)
                 audit_metadata.create_all(conn, checkfirst=True)
+                if new_refs:
+                    # A trail from before the side table: index its inline refs, once, in the
+                    # transaction that creates the table (a crash leaves neither behind).
+                    self._lock_appends(conn)
+                    _index_legacy_refs(conn)
             sqlite_begin_immediate(conn)
             with conn.begin():
                 self._lock_appends(conn)
@@ -390,15 +464,39 @@ class AuditStore:
     def _chain_in(
         self, conn: Connection, rows: list[dict[str, Any]], events: Sequence[AuditEvent]
     ) -> tuple[int, str]:
-        """Number and chain ``rows`` after the head and insert them (under the append lock)."""
+        """Number and chain ``rows`` after the head and insert them, with their record refs
+        (under the append lock)."""
         seq, prev = self._head(conn)
+        ref_rows: list[tuple[bytes, int]] = []
         for row, event in zip(rows, events, strict=True):
             seq += 1
             row["seq"] = seq
             row["prev_hash"] = prev
             row["hash"] = prev = chain_hash(prev, event, seq)
+            if event.record_refs:
+                ref_rows.extend((bytes.fromhex(r), seq) for r in event.record_refs)
         conn.execute(sa.insert(audit_events_table), rows)
+        if ref_rows:
+            self._insert_refs(conn, ref_rows)
         return seq, prev
+
+    def _insert_refs(self, conn: Connection, ref_rows: list[tuple[bytes, int]]) -> None:
+        """Insert ``(ref, seq)`` rows in the current transaction, the fastest way the driver
+        has: ``COPY`` on PostgreSQL (psycopg 3), a plain ``executemany`` otherwise (a 1000-record
+        batch is 1000 rows: SQLAlchemy's per-row parameter handling would cost more than the
+        insert itself)."""
+        if is_postgresql(self._engine):
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                if hasattr(cursor, "copy"):
+                    with cursor.copy(_COPY_REFS) as copy:
+                        for ref_row in ref_rows:
+                            copy.write_row(ref_row)
+                    return
+            finally:
+                cursor.close()
+        qmark = self._engine.dialect.paramstyle == "qmark"
+        conn.exec_driver_sql(_INSERT_REFS_QMARK if qmark else _INSERT_REFS_FORMAT, ref_rows)
 
     def _check_file(self) -> None:
         """Refuse to write if the SQLite file was removed or replaced under open connections.
@@ -517,8 +615,15 @@ class AuditStore:
         with self._connection("read audit checkpoints") as conn:
             return [_checkpoint(row) for row in conn.execute(statement).all()]
 
-    def chained(self, *, from_seq: int = 1, to_seq: int | None = None) -> Iterator[ChainedEvent]:
-        """Events with their chain fields, ``from_seq <= seq <= to_seq``, streamed in pages."""
+    def chained(
+        self, *, from_seq: int = 1, to_seq: int | None = None, with_refs: bool = False
+    ) -> Iterator[ChainedEvent]:
+        """Events with their chain fields, ``from_seq <= seq <= to_seq``, streamed in pages.
+
+        ``with_refs``: each event that commits to a set of record refs (``record_refs_digest``)
+        comes with the refs stored for it (:attr:`ChainedEvent.record_refs`), loaded a few
+        events at a time so that memory stays bounded (by about 50,000 refs, or one event's).
+        """
         table = audit_events_table
         last_seq = from_seq - 1
         while True:
@@ -529,11 +634,94 @@ class AuditStore:
                 statement = statement.where(table.c.seq <= to_seq)
             with self._connection("query audit trail") as conn:
                 rows = conn.execute(statement).all()
-            for row in rows:
-                yield ChainedEvent(int(row.seq), row.prev_hash, row.hash, _event(row))
+            page = [
+                ChainedEvent(int(row.seq), row.prev_hash, row.hash, _event(row)) for row in rows
+            ]
+            if with_refs:
+                yield from self._with_refs(page)
+            else:
+                yield from page
             if len(rows) < self._page_size:
                 return
             last_seq = int(rows[-1].seq)
+
+    def _with_refs(self, page: list[ChainedEvent]) -> Iterator[ChainedEvent]:
+        """``page`` with the record refs of its events that commit to some, chunk by chunk."""
+        chunk: list[ChainedEvent] = []
+        expected = 0
+
+        def flush() -> Iterator[ChainedEvent]:
+            wanted = [c for c in chunk if "record_refs_digest" in c.event.detail]
+            found = self._refs_between(wanted[0].seq, wanted[-1].seq) if wanted else {}
+            for item in chunk:
+                if "record_refs_digest" in item.event.detail:
+                    yield replace(item, record_refs=tuple(found.get(item.seq, ())))
+                else:
+                    yield item
+
+        for item in page:
+            count = item.event.detail.get("record_refs_count")
+            size = count if isinstance(count, int) and count > 0 else 0
+            if chunk and expected + size > _REFS_CHUNK:
+                yield from flush()
+                chunk, expected = [], 0
+            chunk.append(item)
+            expected += size
+        if chunk:
+            yield from flush()
+
+    def _refs_between(self, low: int, high: int) -> dict[int, list[str]]:
+        refs = audit_record_refs_table
+        statement = (
+            sa.select(refs.c.seq, refs.c.ref)
+            .where(refs.c.seq >= low, refs.c.seq <= high)
+            .order_by(refs.c.seq, refs.c.ref)
+        )
+        found: dict[int, list[str]] = {}
+        with self._connection("read audit record refs") as conn:
+            for seq, ref in conn.execute(statement):
+                found.setdefault(int(seq), []).append(bytes(ref).hex())
+        return found
+
+    def record_refs(self, seq: int) -> list[str]:
+        """The record refs stored for event ``seq``, sorted (64 hex digits each)."""
+        return self._refs_between(seq, seq).get(seq, [])
+
+    def touching(self, ref: str, *, tenant: str | None = None) -> list[ChainedEvent]:
+        """The events of the trail whose record refs include ``ref``, in seq order, each with
+        every ref stored for it (to check against its digest).
+
+        Two index lookups, whatever the length of the trail: the seqs of ``ref`` (primary key
+        of ``kg_audit_record_refs``), then those events by seq.  (A join lets the planners,
+        without statistics, scan the tenant's events instead.)
+        """
+        if not is_record_ref(ref):
+            raise ValueError("a record ref is 64 lower-case hex digits")
+        events, refs = audit_events_table, audit_record_refs_table
+        with self._connection("query audit record refs") as conn:
+            seqs = sorted(
+                int(s)
+                for s in conn.execute(
+                    sa.select(refs.c.seq).where(refs.c.ref == bytes.fromhex(ref))
+                ).scalars()
+            )
+            rows: list[sa.Row[Any]] = []
+            for start in range(0, len(seqs), 500):
+                conditions: list[sa.ColumnElement[bool]] = [
+                    events.c.seq.in_(seqs[start : start + 500]),
+                    events.c.seq > self._pruned_through_query(),
+                ]
+                if tenant is not None:
+                    conditions.append(events.c.tenant == tenant)
+                rows += conn.execute(
+                    sa.select(events).where(*conditions).order_by(events.c.seq)
+                ).all()
+        found = []
+        for row in rows:
+            seq = int(row.seq)
+            stored = tuple(self.record_refs(seq))
+            found.append(ChainedEvent(seq, row.prev_hash, row.hash, _event(row), stored))
+        return found
 
     def seq_range(
         self, *, since: datetime | None = None, until: datetime | None = None
@@ -553,7 +741,10 @@ class AuditStore:
         return None if low is None else (int(low), int(high))
 
     def find_detail(self, needle: str, *, tenant: str | None = None) -> Iterator[ChainedEvent]:
-        """Events whose ``detail`` JSON contains ``needle`` (hex digits only), in seq order."""
+        """Events whose ``detail`` JSON contains ``needle`` (hex digits only), in seq order.
+
+        A full scan of the trail: to find the events of a record use :meth:`touching` (indexed).
+        """
         if not needle or not all(c in "0123456789abcdef" for c in needle):
             raise ValueError("needle must be lower-case hex digits")
         table = audit_events_table
@@ -812,6 +1003,7 @@ class AuditStore:
             raise ValueError("batch must be at least 1")
         events = audit_events_table
         through = self.pruned_through()
+        self._delete_pruned_refs(through, batch)
         deleted = 0
         while True:
             with self._connection("delete pruned audit events") as conn:
@@ -827,6 +1019,29 @@ class AuditStore:
                         sa.delete(events).where(events.c.seq >= low, events.c.seq <= high)
                     )
                     deleted += int(done.rowcount)
+
+    def _delete_pruned_refs(self, through: int, batch: int) -> None:
+        """Delete the record refs of events up to ``through``, about ``batch`` rows (or one
+        event's) per transaction."""
+        refs = audit_record_refs_table
+        while True:
+            with self._connection("delete pruned audit record refs") as conn:
+                sqlite_begin_immediate(conn)
+                with conn.begin():
+                    low = conn.execute(
+                        sa.select(sa.func.min(refs.c.seq)).where(refs.c.seq <= through)
+                    ).scalar_one()
+                    if low is None:
+                        return
+                    cut = conn.execute(
+                        sa.select(refs.c.seq)
+                        .where(refs.c.seq >= low, refs.c.seq <= through)
+                        .order_by(refs.c.seq)
+                        .limit(1)
+                        .offset(batch)
+                    ).scalar_one_or_none()
+                    high = through if cut is None else max(int(low), int(cut) - 1)
+                    conn.execute(sa.delete(refs).where(refs.c.seq >= low, refs.c.seq <= high))
 
     @staticmethod
     def _mark_pruned(conn: Connection, segments: Sequence[SegmentRecord], now: datetime) -> None:

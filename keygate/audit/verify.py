@@ -9,6 +9,11 @@ Checks, in file order, stopping at the first failure (reported with its line num
 * events (and omitted-event stubs) have consecutive seqs, and each ``prev_hash`` is the hash of
   the line before (the genesis hash for seq 1);
 * each full event's hash is recomputed from its canonical encoding;
+* an event that commits to a set of record refs (``detail.record_refs_count`` and
+  ``record_refs_digest``) must carry exactly that set in its ``record_refs`` array: the digest is
+  recomputed, so a ref modified, removed or added is reported at that event's line (the chain
+  and the signed checkpoints cover the digest); events without a digest (written before it
+  existed) carry no array;
 * each checkpoint follows the event it names, matches the running hash, names the previous
   checkpoint (``prev_seq``: a deleted checkpoint is caught), is signed by the given key and
   verifies;
@@ -45,12 +50,14 @@ from keygate.audit.chain import (
     is_hash,
     key_id,
 )
+from keygate.audit.pseudonym import record_refs_problem
 
 __all__ = ["PRUNE_ACTION", "PruneRecord", "VerifyResult", "verify_export", "verify_exports"]
 
 #: the action of a pruning record (:mod:`keygate.audit.retention`)
 PRUNE_ACTION: Final = "audit.pruned"
 
+_EVENT_LINE: Final = frozenset({"type", "seq", "prev_hash", "hash", "event"})
 _EVENT_FIELDS: Final = frozenset(
     {
         "action", "actor", "code", "detail", "event_id", "items", "items_failed", "key_version",
@@ -101,6 +108,8 @@ class VerifyResult:
     #: which file failed (verify_exports), and how many files were verified
     file: str | None = None
     files: int = 1
+    #: record refs checked against their events' digests
+    record_refs: int = 0
 
 
 class _Bad(Exception):
@@ -137,7 +146,7 @@ class _Verifier:
         self.last_event_seq: int | None = None
         self.last_cp_seq: int | None = None
         self.first_seq: int | None = None
-        self.events = self.omitted = self.checkpoints = 0
+        self.events = self.omitted = self.checkpoints = self.record_refs = 0
         self.anchor: tuple[int, str] | None = None
         self.last_cp: tuple[int, str, str] | None = None
         self.prunes: list[PruneRecord] = []
@@ -185,9 +194,7 @@ class _Verifier:
             self.omitted += 1
         else:
             event = obj.get("event")
-            if set(obj) != {"type", "seq", "prev_hash", "hash", "event"} or not isinstance(
-                event, dict
-            ):
+            if set(obj) - {"record_refs"} != _EVENT_LINE or not isinstance(event, dict):
                 raise _Bad("malformed event line", seq)
             if set(event) != _EVENT_FIELDS:
                 raise _Bad("the event does not have exactly the canonical fields", seq)
@@ -196,6 +203,7 @@ class _Verifier:
             ).encode("utf-8")
             if chain_hash_bytes(prev, canonical, seq) != digest:
                 raise _Bad("the event was modified: its hash does not match its content", seq)
+            self.record_refs += _check_refs(obj, event, seq)
             self.events += 1
             if event.get("action") == PRUNE_ACTION and event.get("outcome") == "ok":
                 self.prunes.append(_prune_record(seq, event))
@@ -261,6 +269,29 @@ class _Verifier:
         self.checkpoints += 1
 
 
+def _check_refs(obj: dict[str, Any], event: dict[str, Any], seq: int) -> int:
+    """Check an event line's ``record_refs`` against the digest its event commits to; the
+    number of refs checked."""
+    detail = event.get("detail")
+    refs = obj.get("record_refs")
+    if not isinstance(detail, dict) or "record_refs_digest" not in detail:
+        if refs is not None:
+            raise _Bad("the line lists record refs, but its event commits to none", seq)
+        return 0
+    if refs is None:
+        raise _Bad(
+            f"the event commits to {detail.get('record_refs_count')} record ref(s), but the "
+            "line lists none: they were removed",
+            seq,
+        )
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise _Bad("record_refs is not a list of pseudonyms", seq)
+    problem = record_refs_problem(detail, refs)
+    if problem is not None:
+        raise _Bad(f"the record refs of the event were tampered with: {problem}", seq)
+    return len(refs)
+
+
 def _prune_record(seq: int, event: dict[str, Any]) -> PruneRecord:
     """The fields of a pruning record (a malformed one simply matches no anchor)."""
     detail = event.get("detail")
@@ -318,6 +349,7 @@ def verify_export(lines: Iterable[str], public_key_pem: bytes) -> VerifyResult:
             key_id=v.key_id,
             prunes=tuple(v.prunes),
             segment=str(segment.get("period")) if isinstance(segment, dict) else None,
+            record_refs=v.record_refs,
         )  # fmt: skip
 
     def bad(line: int | None, reason: str, seq: int | None = None) -> VerifyResult:
@@ -425,6 +457,7 @@ def verify_exports(
         events=sum(r.events for r in done),
         omitted=sum(r.omitted for r in done),
         checkpoints=sum(r.checkpoints for r in done),
+        record_refs=sum(r.record_refs for r in done),
         first_seq=first.first_seq,
         anchor_seq=first.anchor_seq,
         anchor_hash=first.anchor_hash,

@@ -707,41 +707,120 @@ def audit_public_key() -> None:
 
 @audit_app.command("who-touched")
 def audit_who_touched(
-    tenant: str,
-    record_id: Annotated[str, typer.Argument(help="The record id, as the application sent it.")],
+    tenant: Annotated[str | None, typer.Argument(help="The record's tenant.")] = None,
+    record_id: Annotated[
+        str | None, typer.Argument(help="The record id, as the application sent it.")
+    ] = None,
+    ref: Annotated[
+        str | None,
+        typer.Option(
+            "--ref", help="The record's pseudonym (64 hex digits), as printed by this command."
+        ),
+    ] = None,
+    export: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--export",
+            help="Search this JSON Lines export offline instead of the live trail (with --ref; "
+            "repeat for archives, oldest first).",
+        ),
+    ] = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option("--public-key", help="With --export: verify the files first (offline)."),
+    ] = None,
 ) -> None:
-    """List the events that touched a record (found by its pseudonym; ids are never stored)."""
+    """List the events that touched a record, found by its pseudonym (ids are never stored),
+    each checked against the record refs it commits to; exits 65 if one does not match."""
+    from rich.markup import escape
 
-    def run(gw: Any) -> tuple[str, list[Any]]:
-        from keygate.policy.tenants import validate_tenant
+    from keygate.audit.lookup import who_touched
 
-        validate_tenant(tenant)
-        if not record_id or "\x00" in record_id:
-            raise typer.BadParameter("record id must be non-empty text")
-        ref = gw.audit_keys.record_ref(tenant, record_id)
-        found = [
-            item
-            for item in gw.audit_store.find_detail(ref, tenant=tenant)
-            if ref == item.event.detail.get("record_ref")
-            or ref in str(item.event.detail.get("record_refs", "")).split(",")
-        ]
-        return ref, found
+    ref = ref.lower() if ref is not None else None
+    by_id = tenant is not None and record_id is not None
+    if export:
+        if ref is None or tenant is not None or record_id is not None:
+            raise typer.BadParameter(
+                "--export searches by --ref only: compute the pseudonym online with "
+                "`keygate audit who-touched TENANT RECORD_ID` (it needs the HSM key)"
+            )
+        found = _who_touched_offline(export, ref, public_key)
+    else:
+        if public_key is not None:
+            raise typer.BadParameter("--public-key goes with --export")
+        if by_id == (ref is not None) or (ref is not None and tenant is not None):
+            raise typer.BadParameter("give TENANT RECORD_ID, or --ref")
 
-    ref, found = _run(run)
-    table = Table("seq", "time (UTC)", "actor", "action", "outcome", "code", "request id")
-    for item in found:
-        ev = item.event
+        def run(gw: Any) -> tuple[str, list[Any]]:
+            from keygate.policy.tenants import validate_tenant
+
+            if ref is not None:
+                return ref, who_touched(gw.audit_store, ref)
+            validate_tenant(tenant)
+            if not record_id or "\x00" in record_id:
+                raise typer.BadParameter("record id must be non-empty text")
+            computed = gw.audit_keys.record_ref(tenant, record_id)
+            return computed, who_touched(gw.audit_store, computed, tenant=tenant)
+
+        shown_ref, found = _run(run)
+        err.print(f"record_ref {shown_ref}: {len(found)} event(s)", highlight=False)
+    table = Table("seq", "time (UTC)", "actor", "action", "outcome", "code", "request id", "check")
+    for touch in found:
+        ev = touch.event
         table.add_row(
-            str(item.seq),
-            ev.ts.isoformat(timespec="seconds"),
-            ev.actor,
-            ev.action,
-            ev.outcome,
-            ev.code or "",
-            ev.request_id,
+            str(touch.seq),
+            str(ev.get("ts", ""))[:19],
+            escape(str(ev.get("actor", ""))),
+            escape(str(ev.get("action", ""))),
+            escape(str(ev.get("outcome", ""))),
+            escape(str(ev.get("code") or "")),
+            escape(str(ev.get("request_id", ""))),
+            "ok" if touch.problem is None else "[bold red]TAMPERED[/]",
         )
-    err.print(f"record_ref {ref}: {len(found)} event(s)", highlight=False)
     out.print(table)
+    bad = [t for t in found if t.problem is not None]
+    for touch in bad:
+        where = f"{escape(touch.file)} line {touch.line} " if touch.file else ""
+        err.print(
+            f"[bold red]TAMPERED[/] {where}(seq {touch.seq}): {touch.problem}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if bad:
+        raise typer.Exit(65)  # EX_DATAERR, as `audit verify`
+
+
+def _who_touched_offline(files: list[Path], ref: str, public_key: Path | None) -> list[Any]:
+    """Search exports for ``ref`` (no database, no HSM); verify them first with the key."""
+    from contextlib import ExitStack
+
+    from rich.markup import escape
+
+    from keygate.audit.lookup import search_exports
+    from keygate.audit.verify import verify_exports
+
+    with _errors(), ExitStack() as stack:
+        if public_key is not None:
+            pem = public_key.read_bytes()
+            opened = [(str(f), stack.enter_context(f.open(encoding="utf-8"))) for f in files]
+            result = verify_exports(opened, pem)
+            if not result.ok:
+                err.print(
+                    f"[bold red]FAILED[/] at {escape(result.file or '?')} line {result.line}"
+                    + (f" (seq {result.seq})" if result.seq is not None else "")
+                    + f": {result.reason}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(65)
+        again = [(str(f), stack.enter_context(f.open(encoding="utf-8"))) for f in files]
+        found = search_exports(again, ref)
+    checked = "verified" if public_key is not None else "NOT verified (give --public-key)"
+    err.print(
+        f"record_ref {ref}: {len(found)} event(s) in {len(files)} file(s), {checked}",
+        highlight=False,
+    )
+    return found
 
 
 # ---------------------------------------------------------------------- audit report, retention

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from keygate.audit.chain import checkpoint_message, key_id
 from keygate.hsm.softhsm import SoftHsmToken
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,3 +36,19 @@ def cli_env(token: SoftHsmToken, home: Path, **extra: str) -> dict[str, str]:
         }
     )
     return env
+
+
+class Signer:
+    """A software stand-in for the HSM checkpoint key (same DER ECDSA P-256 signatures)."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.pem = self.key.public_key().public_bytes(
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+        )
+        self.key_id = key_id(self.pem)
+
+    def __call__(self, seq: int, digest: str, prev_seq: int, ts: str) -> tuple[str, str]:
+        message = checkpoint_message(seq=seq, hash=digest, prev_seq=prev_seq, ts=ts)
+        signature = self.key.sign(message, ec.ECDSA(hashes.SHA256()))
+        return base64.b64encode(signature).decode("ascii"), self.key_id
