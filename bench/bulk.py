@@ -5,9 +5,10 @@ the child's peak RSS; and a flat-memory check running the same job at two sizes.
 What is measured
     records/s and MB/s from the job's own summary (the time of the job itself, excluding the
     process start-up and the gateway's set-up, which the "wall" column includes); MB/s counts the
-    bytes of the input file (or of the table's envelope column).  Peak RSS is the child's
-    ``ru_maxrss`` from ``wait4`` (the whole ``keygate`` process: interpreter, SQLAlchemy,
-    PKCS#11 module, the job's bounded batches).  The flat-memory check runs the same rewrap over
+    bytes of the input file (or of the table's envelope column).  Peak RSS is the job process's
+    own ``VmHWM``, which the job reports in its summary (the whole ``keygate`` process:
+    interpreter, SQLAlchemy, PKCS#11 module, the job's bounded batches); not ``wait4``'s
+    ``ru_maxrss``, which on Linux carries the parent's peak over exec.  The flat-memory check runs the same rewrap over
     N and 10·N records: memory is flat when the two peaks are close.
 
 The data is made in the bench process through the gateway (1 KiB random plaintexts for the
@@ -86,7 +87,10 @@ def _run_cli(env: dict[str, str], args: list[str], workdir: Path) -> dict[str, A
         )
     summary = json.loads(out_path.read_text().strip().splitlines()[-1])
     summary["wall_s"] = wall
-    summary["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    # The job's own VmHWM when it reports one: wait4's ru_maxrss carries the parent's peak over
+    # exec on Linux, so it would report the bench process's size (it did: 1.8 GB for every job).
+    if summary.get("peak_rss_mib") is None:
+        summary["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
     return summary
 
 

@@ -96,7 +96,25 @@ class JobSummary:
             "output": self.output,
             "stop_reason": self.stop_reason,
             "errors": [e.line() for e in self.errors[:20]],
+            "peak_rss_mib": peak_rss_mib(),
         }
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory since it started (its program, not its parent's).
+
+    ``VmHWM`` belongs to the process's own address space, so it starts afresh at exec; the
+    ``ru_maxrss`` a parent reads with wait4 does not (Linux carries the pre-exec peak over, so a
+    child of a large process reports the parent's size).  Worker processes are not included.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def open_store(registry_url: str) -> JobStore:
