@@ -8,8 +8,8 @@ What is measured
     bytes of the input file (or of the table's envelope column).  Peak RSS is the job process's
     own ``VmHWM``, which the job reports in its summary (the whole ``keygate`` process:
     interpreter, SQLAlchemy, PKCS#11 module, the job's bounded batches); not ``wait4``'s
-    ``ru_maxrss``, which on Linux carries the parent's peak over exec.  The flat-memory check runs the same rewrap over
-    N and 10·N records: memory is flat when the two peaks are close.
+    ``ru_maxrss``, which on Linux carries the parent's peak over exec.  The flat-memory check
+    runs the same rewrap over N and 10·N records: memory is flat when the two peaks are close.
 
 The data is made in the bench process through the gateway (1 KiB random plaintexts for the
 throughput scenarios, 64 B for the flat-memory check), then the key is rotated, so rewrap has
