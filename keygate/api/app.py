@@ -54,7 +54,7 @@ from keygate.api.schemas import (
 )
 from keygate.audit.events import AuditEvent
 from keygate.config import Settings, load_settings
-from keygate.core.errors import GatewayError, InvalidRequest, Unauthenticated
+from keygate.core.errors import GatewayError, InvalidRequest, ProviderRejected, Unauthenticated
 from keygate.policy.access import Principal
 from keygate.service import BatchResult, Gateway
 
@@ -299,6 +299,7 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
             request_id(request),
             retry_after=exc.retry_after,
             reason=obj.get("reason"),
+            retryable=not isinstance(exc, ProviderRejected),
         )
 
     @app.exception_handler(RequestValidationError)

@@ -80,7 +80,11 @@ def problem_response(
     retry_after: float | None = None,
     headers: dict[str, str] | None = None,
     reason: str | None = None,
+    retryable: bool = True,
 ) -> Response:
+    """A problem+json response.  A 503 gets ``Retry-After`` (``retry_after``, else 1 s) unless
+    ``retryable`` is false: a provider refusing keygate's credentials, or a provider key that
+    does not exist, will not fix itself in a second, and clients must not be told to retry."""
     code = _public_code(code)
     status = STATUS_BY_CODE.get(code, 500)
     body = {
@@ -96,7 +100,7 @@ def problem_response(
     h = dict(headers or {})
     if retry_after is not None:
         h["Retry-After"] = str(max(1, round(retry_after)))
-    elif status == 503:
+    elif status == 503 and retryable:
         h["Retry-After"] = "1"
     if status == 401:
         h.setdefault("WWW-Authenticate", 'Bearer realm="keygate"')
