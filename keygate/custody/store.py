@@ -30,17 +30,12 @@ from datetime import datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
-from keygate.core.errors import InvalidRequest
 from keygate.custody.canonical import Approval, CustodyRequest
 from keygate.keys.registry import (
     MAX_ID_LEN,
     UTCDateTime,
-    database_errors,
-    describe_database_error,
-    is_postgresql,
-    sqlite_begin_immediate,
 )
 
 __all__ = [
@@ -219,40 +214,27 @@ class CustodyStore:
     """The dual-control tables, on the engine of a :class:`~keygate.keys.registry.Registry`."""
 
     def __init__(self, registry: Any) -> None:
-        # The registry's engine, URL and in-memory guard: one pool, one database, and for
-        # ``sqlite://`` the very same connection (the guard serialises its users).
-        self._engine: Engine = registry._engine  # the same database by design
-        self._url = registry._url
-        self._guard = registry._guard
+        # The registry's own transactions: one pool, one database, and for ``sqlite://`` the very
+        # same connection (the registry's guard serialises its users).
+        self._registry = registry
         self._ready = False
 
     def __repr__(self) -> str:
-        return f"CustodyStore({self._url.render_as_string(hide_password=True)!r})"
+        return f"CustodyStore({self._registry!r})"
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _transaction(self, what: str, *, write: bool) -> Iterator[Connection]:
-        with self._guard, database_errors(what, self._url), self._engine.connect() as conn:
-            if write:
-                sqlite_begin_immediate(conn)
-            elif is_postgresql(self._engine):
-                conn.execution_options(isolation_level="REPEATABLE READ")
-            try:
-                with conn.begin():
-                    if write and is_postgresql(self._engine):
-                        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_WRITE_LOCK_ID)))
-                    yield conn
-            except sa.exc.IntegrityError as exc:
-                raise InvalidRequest(
-                    f"{what}: conflicts with a concurrent change; retry "
-                    f"({describe_database_error(exc, self._url)})"
-                ) from exc
+    def _transaction(
+        self, what: str, *, write: bool
+    ) -> contextlib.AbstractContextManager[Connection]:
+        return self._registry.transaction(  # type: ignore[no-any-return]
+            what, write=write, advisory_lock=_WRITE_LOCK_ID
+        )
 
     def create_schema(self) -> None:
         """Create the tables if they do not exist (idempotent, safe across processes)."""
         with self._transaction("create custody schema", write=True) as conn:
-            if is_postgresql(self._engine):
+            if self._registry.on_postgresql:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
             custody_metadata.create_all(conn, checkfirst=True)
         self._ready = True

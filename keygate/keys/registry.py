@@ -594,10 +594,21 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({redacted_url(self._url)!r})"
 
+    @property
+    def on_postgresql(self) -> bool:
+        return is_postgresql(self._engine)
+
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(self, what: str, *, write: bool) -> Iterator[Connection]:
+    def transaction(
+        self, what: str, *, write: bool, advisory_lock: int | None = None
+    ) -> Iterator[Connection]:
+        """One transaction on the registry's database, for the registry and for stores that keep
+        their tables beside it (dual control): writes take SQLite's write lock at BEGIN; reads on
+        PostgreSQL see one snapshot; ``advisory_lock`` (PostgreSQL) also serialises the writers of
+        one store.  An integrity conflict is :class:`InvalidRequest`, other database trouble
+        :class:`Unavailable`."""
         with self._guard, database_errors(what, self._url), self._engine.connect() as conn:
             if write:
                 sqlite_begin_immediate(conn)
@@ -605,6 +616,8 @@ class Registry:
                 conn.execution_options(isolation_level="REPEATABLE READ")
             try:
                 with conn.begin():
+                    if write and advisory_lock is not None and is_postgresql(self._engine):
+                        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(advisory_lock)))
                     yield conn
             except sa.exc.IntegrityError as exc:
                 raise InvalidRequest(
@@ -615,7 +628,7 @@ class Registry:
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[Connection]:
         """A write transaction that first bumps ``generation`` (and so takes the write lock)."""
-        with self._transaction(what, write=True) as conn:
+        with self.transaction(what, write=True) as conn:
             bumped = conn.execute(
                 sa.update(meta_table)
                 .where(meta_table.c.name == _GENERATION)
@@ -626,13 +639,13 @@ class Registry:
             yield conn
 
     def _read(self, what: str) -> contextlib.AbstractContextManager[Connection]:
-        return self._transaction(what, write=False)
+        return self.transaction(what, write=False)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def create_schema(self) -> None:
         """Create the tables and the generation counter if they do not exist (idempotent)."""
-        with self._transaction("create registry schema", write=True) as conn:
+        with self.transaction("create registry schema", write=True) as conn:
             if is_postgresql(self._engine):
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_ID)))
             metadata.create_all(conn, checkfirst=True)
