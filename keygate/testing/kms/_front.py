@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Final
 from urllib.parse import urlsplit
 
-__all__ = ["FAULT_MODES", "FrontReply", "FrontRequest", "HttpFront"]
+__all__ = ["FAULT_MODES", "FrontReply", "FrontRequest", "HttpFront", "ServedOnLoopback"]
 
 FAULT_MODES: Final = frozenset({"down", "slow", "error"})
 _HOP_BY_HOP: Final = frozenset(
@@ -110,7 +110,49 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_LIST = _handle  # noqa: N815
 
 
-class HttpFront:
+class ServedOnLoopback:
+    """What a threaded loopback HTTP server with fault injection shares (the front, the OCI fake):
+    closing, ``fault("down")`` closing the listener and reopening it on the same port afterwards,
+    and ``reset``.  The class provides ``_listen``, ``mode``, ``received``, ``calls``, ``_lock``,
+    ``_server`` and ``_thread``."""
+
+    mode: str | None
+    received: list[bytes]
+    calls: Counter[str]
+    _lock: threading.Lock
+    _server: ThreadingHTTPServer | None
+    _thread: threading.Thread | None
+
+    def _listen(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def fault(self, mode: str | None) -> None:
+        """Inject a fault (``"down"``, ``"slow"``, ``"error"``) or end it (``None``)."""
+        if mode is not None and mode not in FAULT_MODES:
+            raise ValueError(f"unknown fault mode {mode!r}; one of {sorted(FAULT_MODES)}")
+        previous, self.mode = self.mode, mode
+        if mode == "down" and previous != "down":
+            self._close()
+        elif previous == "down" and mode != "down":
+            self._listen()  # the same port again (SO_REUSEADDR)
+
+    def reset(self) -> None:
+        """Forget what was received and counted."""
+        with self._lock:
+            self.received.clear()
+            self.calls.clear()
+
+
+class HttpFront(ServedOnLoopback):
     """Forwarding proxy on 127.0.0.1 in front of ``upstream`` (``http://127.0.0.1:PORT``)."""
 
     host: Final = "127.0.0.1"
@@ -174,32 +216,6 @@ class HttpFront:
             daemon=True,
         )
         self._thread.start()
-
-    def _close(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    # ------------------------------------------------------------------------ faults
-    def fault(self, mode: str | None) -> None:
-        """Inject a fault (``"down"``, ``"slow"``, ``"error"``) or end it (``None``)."""
-        if mode is not None and mode not in FAULT_MODES:
-            raise ValueError(f"unknown fault mode {mode!r}; one of {sorted(FAULT_MODES)}")
-        previous, self.mode = self.mode, mode
-        if mode == "down" and previous != "down":
-            self._close()
-        elif previous == "down" and mode != "down":
-            self._listen()  # the same port again (SO_REUSEADDR)
-
-    def reset(self) -> None:
-        """Forget what was received and counted."""
-        with self._lock:
-            self.received.clear()
-            self.calls.clear()
 
     # ------------------------------------------------------------------------ forwarding
     def handle(self, request: FrontRequest) -> FrontReply | None:

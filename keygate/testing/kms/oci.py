@@ -79,12 +79,12 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keygate.providers.oci import OciVaultAdapter, OciVaultSettings
+from keygate.testing.kms._front import ServedOnLoopback
 
 __all__ = ["FakeOciVaultServer"]
 
 _API: Final = "/20180608"
 _KEY_PATH: Final = re.compile(r"/20180608/keys/(?P<key_id>[^/?]+)")
-_FAULT_MODES: Final = frozenset({"down", "slow", "error"})
 _MAX_BODY: Final = 1024 * 1024
 _MAX_PLAINTEXT: Final = 4096
 _MAX_SKEW_S: Final = 300.0
@@ -221,7 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = _handle  # noqa: N815
 
 
-class FakeOciVaultServer:
+class FakeOciVaultServer(ServedOnLoopback):
     """OCI Vault crypto + management endpoints on ``http://127.0.0.1:PORT`` (see the module doc)."""
 
     scheme: Final = "oci-kms"
@@ -289,32 +289,6 @@ class FakeOciVaultServer:
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="fake-oci", daemon=True)
         self._thread.start()
-
-    def _close(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    # ------------------------------------------------------------------------ faults
-    def fault(self, mode: str | None) -> None:
-        """Inject a fault (``"down"``, ``"slow"``, ``"error"``) or end it (``None``)."""
-        if mode is not None and mode not in _FAULT_MODES:
-            raise ValueError(f"unknown fault mode {mode!r}; one of {sorted(_FAULT_MODES)}")
-        previous, self.mode = self.mode, mode
-        if mode == "down" and previous != "down":
-            self._close()
-        elif previous == "down" and mode != "down":
-            self._listen()  # the same port again (SO_REUSEADDR)
-
-    def reset(self) -> None:
-        """Forget what was received and counted."""
-        with self._lock:
-            self.received.clear()
-            self.calls.clear()
 
     # ------------------------------------------------------------------------ keys
     def create_key(self, name: str, *, region: str | None = None) -> str:
