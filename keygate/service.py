@@ -731,10 +731,7 @@ class Gateway:
         status = providers.describe(uri)
         if not status.enabled:
             raise ProviderKeyDisabled(f"provider key {uri} is {status.state}")
-        probe = secrets.token_bytes(60)
-        aad = f"keygate/v1 probe\x00{tenant}\x00{purpose}".encode()
-        if providers.unwrap(uri, providers.wrap(uri, probe, aad=aad), aad=aad) != probe:
-            raise DecryptionFailed(f"provider key {uri} did not give back what it wrapped")
+        _round_trip(providers, uri, tenant, purpose)
         return key
 
     def provider_set(self, actor: str, tenant: str, purpose: str, uri: str) -> list[Any]:
@@ -832,18 +829,7 @@ class Gateway:
                 algorithm=status.algorithm,
                 reported_region=status.region,
             )
-            probe = secrets.token_bytes(60)
-            aad = f"keygate/v1 probe\x00{tenant}\x00{purpose}".encode()
-            t0 = time.perf_counter()
-            wrapped = providers.wrap(uri, probe, aad=aad)
-            report["wrap_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            t0 = time.perf_counter()
-            back = providers.unwrap(uri, wrapped, aad=aad)
-            report["unwrap_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            report["wrapped_bytes"] = len(wrapped)
-            if back != probe:
-                raise DecryptionFailed(f"provider key {uri} did not give back what it wrapped")
-            report["round_trip"] = "ok"
+            report.update(_round_trip(providers, uri, tenant, purpose), round_trip="ok")
         return report
 
     # ------------------------------------------------------------------ operations
@@ -939,6 +925,25 @@ def _purpose(value: object) -> str | None:
         return validate_purpose(value)
     except GatewayError:
         return None
+
+
+def _round_trip(providers: Any, uri: str, tenant: str, purpose: str) -> dict[str, Any]:
+    """Wrap and unwrap 60 random bytes (an HSM-wrapped DEK's size) with the provider key;
+    raises unless the same bytes come back.  Returns the timings and the wrapped size."""
+    probe = secrets.token_bytes(60)
+    aad = f"keygate/v1 probe\x00{tenant}\x00{purpose}".encode()
+    t0 = time.perf_counter()
+    wrapped = providers.wrap(uri, probe, aad=aad)
+    t1 = time.perf_counter()
+    back = providers.unwrap(uri, wrapped, aad=aad)
+    t2 = time.perf_counter()
+    if back != probe:
+        raise DecryptionFailed(f"provider key {uri} did not give back what it wrapped")
+    return {
+        "wrap_ms": round((t1 - t0) * 1000, 1),
+        "unwrap_ms": round((t2 - t1) * 1000, 1),
+        "wrapped_bytes": len(wrapped),
+    }
 
 
 def _uri(value: object) -> str | None:
