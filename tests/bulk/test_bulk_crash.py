@@ -19,6 +19,9 @@ from bulk_support import TENANT, BulkEnv, read_jsonl, write_jsonl
 pytestmark = [pytest.mark.hsm, pytest.mark.slow]
 
 KILLS = 4
+#: batches a job may checkpoint between reaching its kill point and being killed (with 4 kills the
+#: jobs below, of 75 and 80 batches, are always killed before their end)
+MAX_RUN_ON = 5
 
 
 def _progress(bulk: BulkEnv) -> dict[str, Any] | None:
@@ -56,7 +59,15 @@ def _kill_mid_job(bulk: BulkEnv, args: list[str], rng: random.Random, seen: int)
             ):
                 break
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.25))
+        # A random moment after that: up to 0.25 s, but never more than MAX_RUN_ON further
+        # batches, so that on a fast machine the kills still land mid-job (not after its end).
+        reached = int(p["checkpoint"].get("batches", 0)) if p is not None else 0
+        kill_at = time.monotonic() + rng.uniform(0, 0.25)
+        while time.monotonic() < kill_at and proc.poll() is None:
+            p = _progress(bulk)
+            if p is not None and int(p["checkpoint"].get("batches", 0)) >= reached + MAX_RUN_ON:
+                break
+            time.sleep(0.005)
         assert proc.poll() is None, ("the job ended before it was killed", proc.communicate())
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
