@@ -568,8 +568,11 @@ def test_service_error_is_unavailable_and_not_retried(
 
 
 def test_clients_are_shared_across_threads(server: MotoKmsServer, key: KeyUri) -> None:
-    """One adapter serves many threads at once; each round trip gets its own data back."""
-    a = AwsKmsAdapter(OPTIONS, server.settings())
+    """One adapter serves many threads at once; each round trip gets its own data back.
+
+    Not a timeout test: four threads at once against moto (IAM signature checks, and the front's
+    key-state lookup per call) can take longer than the 0.3 s the fault tests use."""
+    a = AwsKmsAdapter(ProviderOptions(connect_timeout_s=5, read_timeout_s=10), server.settings())
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
