@@ -13,12 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from provider_support import ACTOR, SERVERS, TENANT  # type: ignore[import-not-found]
+from provider_support import (  # type: ignore[import-not-found]
+    ACTOR,
+    OPTIONS,
+    SERVERS,
+    TENANT,
+    residency,
+)
 
 from keygate.bootstrap import build_gateway
 from keygate.config import load_settings
 from keygate.hsm.softhsm import SoftHsmToken
-from keygate.policy.residency import ResidencyPolicy
 from keygate.providers.base import ProviderOptions
 from keygate.providers.guard import ProviderSet
 from keygate.service import Gateway
@@ -57,24 +62,6 @@ def kms(request: pytest.FixtureRequest, kms_servers: dict[str, Any]) -> Callable
         server.fault(None)
 
 
-def residency(allow_vault: bool = True) -> ResidencyPolicy:
-    """The shipped policy, plus loopback Vault/OpenBao servers when ``allow_vault``."""
-    shipped = ResidencyPolicy.load()
-    regions = dict(shipped.regions)
-    regions["hcvault"] = frozenset({"127.0.0.1"} if allow_vault else set())
-    return ResidencyPolicy(regions=regions, source="tests")
-
-
-FAST = ProviderOptions(
-    connect_timeout_s=1.0,
-    read_timeout_s=1.0,
-    retries=1,
-    backoff_s=0.01,
-    backoff_max_s=0.02,
-    down_for_s=0.5,
-)
-
-
 @pytest.fixture
 def make_gateway(
     make_token: Callable[[str], SoftHsmToken], tmp_path: Path
@@ -87,7 +74,7 @@ def make_gateway(
         adapter_settings: dict[str, Any],
         *,
         allow_vault: bool = True,
-        options: ProviderOptions = FAST,
+        options: ProviderOptions = OPTIONS,
         dek_max_records: int = 1000,
         **overrides: Any,
     ) -> Gateway:

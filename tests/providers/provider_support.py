@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from keygate.policy.residency import ResidencyPolicy
+from keygate.providers.base import ProviderOptions
+
 #: provider name → (server module, server class)
 SERVERS: dict[str, tuple[str, str]] = {
     "aws": ("keygate.testing.kms.aws", "MotoKmsServer"),
@@ -21,3 +24,22 @@ FOREIGN_REGION: dict[str, str] = {
 }
 ACTOR = "custodian:test"
 TENANT = "131016"
+
+#: the gateways' provider options: timeouts generous enough for a busy machine (CI runs the
+#: suite under load), quick retries and a short outage window; tests about timeouts pass their own
+OPTIONS = ProviderOptions(
+    connect_timeout_s=5.0,
+    read_timeout_s=10.0,
+    retries=1,
+    backoff_s=0.01,
+    backoff_max_s=0.02,
+    down_for_s=0.5,
+)
+
+
+def residency(allow_vault: bool = True) -> ResidencyPolicy:
+    """The shipped policy, plus loopback Vault/OpenBao servers when ``allow_vault``."""
+    shipped = ResidencyPolicy.load()
+    regions = dict(shipped.regions)
+    regions["hcvault"] = frozenset({"127.0.0.1"} if allow_vault else set())
+    return ResidencyPolicy(regions=regions, source="tests")

@@ -41,8 +41,9 @@ from keygate.testing.kms.azure import FakeAzureKeyVaultServer
 
 DATA = bytes(range(60))  # what keygate hands over: an HSM-wrapped DEK
 AAD = b"keygate/v1 outer\x00tenant-a\x00records\x001"
-#: generous for the functional tests (a shared, busy machine); FAST for the outage tests
-OPTIONS = ProviderOptions(connect_timeout_s=3.0, read_timeout_s=3.0)
+#: generous for the functional tests (a shared, busy machine: CI runs them under load);
+#: FAST only where a test is about the timeout itself (the server holds its answer longer)
+OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0)
 FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
 VERSION = "0123456789abcdef0123456789abcdef"
 
@@ -766,12 +767,20 @@ def test_server_slow(kv: FakeAzureKeyVaultServer) -> None:
     key = _key(kv)
     adapter = AzureKeyVaultAdapter(FAST, kv.settings())
     try:
-        blob = adapter.wrap(key, DATA, aad=AAD)
+        # warm up (a token from Entra ID, a connection) so the fault below meets the vault call;
+        # a busy machine may need more than one try at FAST's 0.3 s, which is not under test
+        for attempt in range(10):
+            try:
+                blob = adapter.wrap(key, DATA, aad=AAD)
+                break
+            except ProviderTimeout:
+                if attempt == 9:
+                    raise
         kv.fault("slow")
-        started = time.monotonic()
+        before = len(kv.received)
         with pytest.raises(ProviderTimeout):
             adapter.unwrap(key, blob, aad=AAD)
-        assert time.monotonic() - started < 0.9
+        assert len(kv.received) == before + 1  # one attempt, no SDK retry
     finally:
         adapter.close()
 

@@ -42,7 +42,10 @@ NAME = "projects/my-project/locations/asia-northeast1/keyRings/keygate/cryptoKey
 TOKYO_URI = f"gcp-kms://{NAME}"
 DATA = bytes(range(60))  # what keygate hands over: an HSM-wrapped DEK
 AAD = b"keygate/v1 outer\x00tenant-a\x00records\x001"
-OPTIONS = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
+#: generous for the functional tests (a shared, busy machine: CI runs them under load);
+#: FAST only where a test is about the timeout itself (the server holds its answer longer)
+OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0)
+FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -808,16 +811,17 @@ def test_down_server_is_unavailable_then_recovers() -> None:
 def test_slow_server_times_out_once(
     server: FakeGcpKmsServer, adapter: GcpKmsAdapter, key: KeyUri
 ) -> None:
-    """An answer later than the deadline gives ProviderTimeout after one attempt, in time."""
+    """An answer later than the deadline gives ProviderTimeout after one attempt."""
     wrapped = adapter.wrap(key, DATA, aad=AAD)
-    server.fault("slow")
-    before = server.calls["decrypt"]
-    started = time.monotonic()
-    with pytest.raises(ProviderTimeout, match="DEADLINE_EXCEEDED"):
-        adapter.unwrap(key, wrapped, aad=AAD)
-    elapsed = time.monotonic() - started
-    assert 0.5 <= elapsed < server.slow_s  # deadline = connect 0.3 s + read 0.3 s
-    assert server.calls["decrypt"] == before + 1
+    impatient = GcpKmsAdapter(FAST, server.settings())  # deadline = connect 0.3 s + read 0.3 s
+    try:
+        server.fault("slow")
+        before = server.calls["decrypt"]
+        with pytest.raises(ProviderTimeout, match="DEADLINE_EXCEEDED"):
+            impatient.unwrap(key, wrapped, aad=AAD)
+        assert server.calls["decrypt"] == before + 1
+    finally:
+        impatient.close()
 
 
 @pytest.mark.parametrize("mode", ["error", "throttle"])

@@ -72,7 +72,7 @@ def custodian(
             "KEYGATE_RESIDENCY_FILE": str(residency),
             "KEYGATE_ACTOR": "custodian:provider-tests",
             "KEYGATE_PROVIDER_RETRIES": "0",
-            "KEYGATE_PROVIDER_READ_TIMEOUT_S": "1",
+            "KEYGATE_PROVIDER_READ_TIMEOUT_S": "10",  # generous: CI runs this under load
             "KEYGATE_PROVIDER_DOWN_FOR_S": "0.5",
             "KEYGATE_PROVIDER_PROBE_INTERVAL_S": "0.5",
             "COLUMNS": "250",
