@@ -106,6 +106,10 @@ class _Active:
         self.counter = itertools.count()
 
 
+def _no_key(nonce: bytes, data: bytes, aad: bytes) -> bytes:
+    raise AssertionError("decrypt_many used a DEK before choosing one")  # pragma: no cover
+
+
 class _Opened:
     """An unwrapped DEK in the decrypt cache, keyed by its exact header bytes.
 
@@ -563,21 +567,33 @@ class KeyManager:
         append = out.append
         opened = self._opened
         now = self._clock()
+        # The DEK of the item before, already checked in this call for tenant × purpose and age:
+        # its exact header bytes, and what decrypting under it needs.  Items of one batch mostly
+        # share a DEK, so most need one prefix comparison instead of a header slice, its hash
+        # and a cache lookup.  An envelope that starts with those bytes has that header length
+        # (the length is inside the header).
+        header: bytes | None = None
+        h = min_n = 0
+        prefix = ""
+        aad0 = b""
+        decrypt: Callable[[bytes, bytes, bytes], bytes] = _no_key
         for context, envelope in items:
             try:
                 n = len(envelope)
                 if n < MIN_ENVELOPE_LEN or n > MAX_ENVELOPE_LEN:
                     raise DecryptionFailed("bad envelope length")
-                h = envelope[2] << 8 | envelope[3]
-                if h + 28 > n:  # nonce (12) and tag (16) must fit after the header
-                    raise DecryptionFailed("bad header length")
-                o = opened.get(envelope[:h])
-                if o is None or o.tenant != tenant or o.purpose != purpose or o.expires < now:
-                    o = self._open_slow(tenant, purpose, envelope)
-                    opened = self._opened
-                    h = o.h
-                aad = encode_context(o.prefix, context) if context else o.aad0
-                append(o.cipher.decrypt(envelope[h : h + 12], envelope[h + 12 :], aad))
+                if header is None or n < min_n or not envelope.startswith(header):
+                    hn = envelope[2] << 8 | envelope[3]
+                    if hn + 28 > n:  # nonce (12) and tag (16) must fit after the header
+                        raise DecryptionFailed("bad header length")
+                    o = opened.get(envelope[:hn])
+                    if o is None or o.tenant != tenant or o.purpose != purpose or o.expires < now:
+                        o = self._open_slow(tenant, purpose, envelope)
+                        opened = self._opened
+                    header, h, prefix, aad0 = o.key.header, o.h, o.prefix, o.aad0
+                    min_n, decrypt = o.h + 28, o.cipher.decrypt
+                aad = encode_context(prefix, context) if context else aad0
+                append(decrypt(envelope[h : h + 12], envelope[h + 12 :], aad))
             except InvalidTag:
                 append(DecryptionFailed())
             except GatewayError as exc:

@@ -444,6 +444,37 @@ def test_decrypt_many_puts_errors_in_their_slots(w: World) -> None:
     assert isinstance(out[5], InvalidRequest)
 
 
+def test_decrypt_many_with_interleaved_deks_uses_each_items_own_dek() -> None:
+    """Items of one batch switch between DEKs, versions and tenants in any order: each is
+    decrypted under its own DEK (a DEK remembered from the item before serves only envelopes
+    that begin with its exact header), one HSM unwrap per distinct DEK."""
+    w, envs = _rotated_world()  # 7 envelopes under 3 DEKs of version 1
+    newer = [w.km.encrypt(A, RES, {"record_id": str(i)}, b"v2-%d" % i) for i in range(2)]
+    other = w.km.encrypt(B, RES, {"record_id": "0"}, b"tenant B")
+    e0 = envs[0]
+    h = header_length(e0)
+    forged = e0[:h] + envs[4][h:]  # DEK 1's header on DEK 2's nonce, ciphertext and tag
+    order = [0, 3, 1, 6, 4, 2, 5]
+    items = [({"record_id": str(i)}, envs[i]) for i in order]
+    items[2:2] = [({"record_id": "1"}, newer[1]), ({"record_id": "0"}, other)]
+    items += [({"record_id": "4"}, forged), ({"record_id": "0"}, e0[: h + 20]), items[0]]
+    reader = w.manager()
+    out = reader.decrypt_many(A, RES, items)
+    want: list[object] = [b"p0", b"p3", b"v2-1", DecryptionFailed, b"p1", b"p6", b"p4", b"p2"]
+    want += [b"p5", DecryptionFailed, DecryptionFailed, b"p0"]
+    assert len(out) == len(want)
+    for got, expected in zip(out, want, strict=True):
+        if isinstance(expected, bytes):
+            assert got == expected
+        else:
+            assert isinstance(got, DecryptionFailed)
+    assert w.hsm.unwrap_calls == 4  # 3 DEKs of version 1, 1 of version 2 (B's was refused)
+    again = reader.decrypt_many(A, RES, items)
+    assert [type(g) for g in again] == [type(g) for g in out]
+    assert [g for g in again if isinstance(g, bytes)] == [g for g in out if isinstance(g, bytes)]
+    assert w.hsm.unwrap_calls == 4  # all four from the cache the second time
+
+
 def test_decrypt_refuses_envelopes_outside_the_length_bounds_before_any_key_use(w: World) -> None:
     """Envelopes below MIN_ENVELOPE_LEN or above MAX_ENVELOPE_LEN never reach the HSM."""
     env = w.km.encrypt(A, RES, CTX, b"x")
