@@ -25,6 +25,12 @@ FOREIGN_REGION: dict[str, str] = {
 ACTOR = "custodian:test"
 TENANT = "131016"
 
+#: the adapter tests' options: generous for the functional tests (a shared, busy machine: CI runs
+#: them under load); ADAPTER_FAST only where a test is about the timeout itself (the server holds
+#: its answer longer).  Adapters make no retries of their own, whatever ``retries`` says.
+ADAPTER_OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0)
+ADAPTER_FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
+
 #: the gateways' provider options: timeouts generous enough for a busy machine (CI runs the
 #: suite under load), quick retries and a short outage window; tests about timeouts pass their own
 OPTIONS = ProviderOptions(

@@ -14,6 +14,10 @@ import boto3
 import botocore.exceptions
 import pytest
 from botocore.config import Config
+from provider_support import (  # type: ignore[import-not-found]
+    ADAPTER_FAST,
+    ADAPTER_OPTIONS,
+)
 from pydantic import SecretStr, ValidationError
 
 from keygate.core.errors import ConfigurationError, InvalidRequest
@@ -25,7 +29,6 @@ from keygate.providers.base import (
     ProviderKeyDestroyed,
     ProviderKeyDisabled,
     ProviderKeyNotFound,
-    ProviderOptions,
     ProviderTimeout,
     ProviderUnavailable,
 )
@@ -36,10 +39,7 @@ KEY_ARN = f"arn:aws:kms:ap-northeast-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-123
 KEY_URI = f"aws-kms://{KEY_ARN}"
 DATA = bytes(range(60))  # what keygate hands over: an HSM-wrapped DEK
 AAD = b"keygate/v1 outer\x00tenant-a\x00records\x001"
-#: generous for the functional tests (a shared, busy machine: CI runs them under load);
-#: FAST only where a test is about the timeout itself (the server holds its answer longer)
-OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0)
-FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
+OPTIONS, FAST = ADAPTER_OPTIONS, ADAPTER_FAST
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -571,11 +571,8 @@ def test_service_error_is_unavailable_and_not_retried(
 
 
 def test_clients_are_shared_across_threads(server: MotoKmsServer, key: KeyUri) -> None:
-    """One adapter serves many threads at once; each round trip gets its own data back.
-
-    Not a timeout test: four threads at once against moto (IAM signature checks, and the front's
-    key-state lookup per call) can take longer than the 0.3 s the fault tests use."""
-    a = AwsKmsAdapter(ProviderOptions(connect_timeout_s=5, read_timeout_s=10), server.settings())
+    """One adapter serves many threads at once; each round trip gets its own data back."""
+    a = AwsKmsAdapter(OPTIONS, server.settings())
     errors: list[BaseException] = []
 
     def work(i: int) -> None:

@@ -21,6 +21,10 @@ from azure.core.exceptions import HttpResponseError
 from azure.identity import ClientSecretCredential
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
+from provider_support import (  # type: ignore[import-not-found]
+    ADAPTER_FAST,
+    ADAPTER_OPTIONS,
+)
 from pydantic import SecretStr, ValidationError
 
 from keygate.core.errors import ConfigurationError, InvalidRequest
@@ -32,7 +36,6 @@ from keygate.providers.base import (
     ProviderKeyDestroyed,
     ProviderKeyDisabled,
     ProviderKeyNotFound,
-    ProviderOptions,
     ProviderRejected,
     ProviderTimeout,
     ProviderUnavailable,
@@ -41,10 +44,7 @@ from keygate.testing.kms.azure import FakeAzureKeyVaultServer
 
 DATA = bytes(range(60))  # what keygate hands over: an HSM-wrapped DEK
 AAD = b"keygate/v1 outer\x00tenant-a\x00records\x001"
-#: generous for the functional tests (a shared, busy machine: CI runs them under load);
-#: FAST only where a test is about the timeout itself (the server holds its answer longer)
-OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0)
-FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
+OPTIONS, FAST = ADAPTER_OPTIONS, ADAPTER_FAST
 VERSION = "0123456789abcdef0123456789abcdef"
 
 

@@ -19,6 +19,10 @@ from google.cloud import kms_v1
 from google.cloud.kms_v1.services.key_management_service.transports import (
     KeyManagementServiceGrpcTransport,
 )
+from provider_support import (  # type: ignore[import-not-found]
+    ADAPTER_FAST,
+    ADAPTER_OPTIONS,
+)
 from pydantic import SecretStr, ValidationError
 
 from keygate.core.errors import ConfigurationError, InvalidRequest
@@ -29,7 +33,6 @@ from keygate.providers.base import (
     ProviderKeyDestroyed,
     ProviderKeyDisabled,
     ProviderKeyNotFound,
-    ProviderOptions,
     ProviderRejected,
     ProviderTimeout,
     ProviderUnavailable,
@@ -42,10 +45,7 @@ NAME = "projects/my-project/locations/asia-northeast1/keyRings/keygate/cryptoKey
 TOKYO_URI = f"gcp-kms://{NAME}"
 DATA = bytes(range(60))  # what keygate hands over: an HSM-wrapped DEK
 AAD = b"keygate/v1 outer\x00tenant-a\x00records\x001"
-#: generous for the functional tests (a shared, busy machine: CI runs them under load);
-#: FAST only where a test is about the timeout itself (the server holds its answer longer)
-OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0)
-FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
+OPTIONS, FAST = ADAPTER_OPTIONS, ADAPTER_FAST
 
 
 # -- fixtures -------------------------------------------------------------------------------------

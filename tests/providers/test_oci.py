@@ -16,6 +16,10 @@ import oci.signer
 import pytest
 from cryptography.hazmat.primitives import serialization
 from oci._vendor import requests as oci_requests
+from provider_support import (  # type: ignore[import-not-found]
+    ADAPTER_FAST,
+    ADAPTER_OPTIONS,
+)
 from pydantic import SecretStr
 
 from keygate.core.errors import ConfigurationError, InvalidRequest
@@ -26,7 +30,6 @@ from keygate.providers.base import (
     ProviderKeyDestroyed,
     ProviderKeyDisabled,
     ProviderKeyNotFound,
-    ProviderOptions,
     ProviderTimeout,
     ProviderUnavailable,
 )
@@ -40,10 +43,7 @@ OSAKA_HOST = "efgh5678-crypto.kms.ap-osaka-1.oraclecloud.com"
 OSAKA_OCID = "ocid1.key.oc1.ap-osaka-1.efgh5678.bbbbbbbbexampleuniqueid0123456789"
 DATA = bytes(range(60))  # what keygate hands over: an HSM-wrapped DEK
 AAD = b"keygate/v1 outer\x00tenant-a\x00records\x001"
-#: generous for the functional tests (a shared, busy machine: CI runs them under load);
-#: FAST only where a test is about the timeout itself (the server holds its answer longer)
-OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0)
-FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
+OPTIONS, FAST = ADAPTER_OPTIONS, ADAPTER_FAST
 
 
 # -- fixtures -----------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from provider_support import (  # type: ignore[import-not-found]
+    ADAPTER_FAST,
+    ADAPTER_OPTIONS,
+)
 from pydantic import SecretStr
 
 from keygate.core.errors import ConfigurationError, InvalidRequest
@@ -33,7 +37,6 @@ from keygate.providers.base import (
     ProviderKeyDestroyed,
     ProviderKeyDisabled,
     ProviderKeyNotFound,
-    ProviderOptions,
     ProviderRejected,
     ProviderTimeout,
     ProviderUnavailable,
@@ -48,10 +51,7 @@ from keygate.testing.kms.sakura import FakeSakuraKmsServer
 from keygate.testing.leaks import find_secrets
 
 SPEC_PATH = Path("/work/shared/specs/sakura-cloud-kms.openapi.json")
-#: generous for the functional tests (a shared, busy machine: CI runs them under load);
-#: FAST only where a test is about the timeout itself (the server holds its answer longer)
-OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0, retries=0)
-FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3, retries=0)
+OPTIONS, FAST = ADAPTER_OPTIONS, ADAPTER_FAST
 AAD = b"keygate/v1 outer\x00tenant-a\x00records\x001"
 DEK = bytes(range(60))  # stands in for an HSM-wrapped DEK
 

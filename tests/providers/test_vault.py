@@ -14,6 +14,10 @@ from pathlib import Path
 import hvac
 import hvac.exceptions
 import pytest
+from provider_support import (  # type: ignore[import-not-found]
+    ADAPTER_FAST,
+    ADAPTER_OPTIONS,
+)
 from pydantic import SecretStr
 
 from keygate.core.errors import InvalidRequest
@@ -24,7 +28,6 @@ from keygate.providers.base import (
     ProviderKeyDestroyed,
     ProviderKeyDisabled,
     ProviderKeyNotFound,
-    ProviderOptions,
     ProviderTimeout,
     ProviderUnavailable,
 )
@@ -37,10 +40,7 @@ pytestmark = pytest.mark.skipif(find_bao() is None, reason="bao not installed (o
 URI = "hcvault://vault.example.jp:8200/transit/keys/tenant-a"
 DATA = bytes(range(60))  # what keygate hands over: an HSM-wrapped DEK
 AAD = b"keygate/v1 outer\x00tenant-a\x00records\x001"
-#: generous for the functional tests (a shared, busy machine: CI runs them under load);
-#: FAST only where a test is about the timeout itself (the server holds its answer longer)
-OPTIONS = ProviderOptions(connect_timeout_s=5.0, read_timeout_s=10.0)
-FAST = ProviderOptions(connect_timeout_s=0.3, read_timeout_s=0.3)
+OPTIONS, FAST = ADAPTER_OPTIONS, ADAPTER_FAST
 
 
 # -- fixtures -----------------------------------------------------------------------------------
