@@ -193,6 +193,11 @@ def _outage(url: str, uri: str, client: httpx.Client, sakura: Any) -> None:
     deadline = time.monotonic() + 30
     while True:  # the gateway picks the provider key up within its refresh interval
         r = client.post("/v1/encrypt", json=body)
+        if r.status_code == 503 and "key configuration changed" in r.text:
+            # the change landed during this request: the gateway says retry, as a client would
+            assert "Retry-After" in r.headers
+            assert time.monotonic() < deadline
+            continue
         assert r.status_code == 200, r.text
         if "sakura-kms" in base64.urlsafe_b64decode(r.json()["ciphertext"][4:] + "==").decode(
             "latin-1"
